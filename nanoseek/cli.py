@@ -1,0 +1,56 @@
+"""The `nanoseek` command: argparse subcommands, one per pipeline stage or tool.
+
+Each subcommand lives in its own module that exposes two functions:
+    add_arguments(parser)  -- declares its flags (each with help=)
+    main(args)             -- runs it; returns an exit code or None
+Modules are imported lazily, so `nanoseek params` does not pay for importing the engine or
+transformers. Nothing in the package imports this file (dependencies point one way).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help). Pipeline order first, then tools.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "corpus": ("nanoseek.stages.corpus", "write the synthetic pretraining/SFT corpus"),
+    "tokenizer": ("nanoseek.stages.tokenizer", "train the byte-level BPE tokenizer"),
+    "speedrun": ("nanoseek.stages.speedrun", "the main job: every stage end to end on the tiny preset"),
+    "generate": ("nanoseek.stages.generate", "generate text from a checkpoint directory"),
+    "params": ("nanoseek.stages.params", "count total and activated parameters of a config"),
+}
+
+
+def build_parser(available: dict[str, tuple[str, str]] | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nanoseek", description="DeepSeek-V3/R1, end to end, small.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text) in (available or COMMANDS).items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module_name)
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:  # a stage not built yet: listed, but says so when run
+            if e.name and e.name.startswith("nanoseek"):
+                p.set_defaults(_missing=str(e))
+                continue
+            raise
+        module.add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # import only the chosen subcommand's module (fast start, no heavy imports for `params`)
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    available = {chosen: COMMANDS[chosen]} if chosen in COMMANDS else COMMANDS
+    args = build_parser(available).parse_args(argv)
+    if getattr(args, "_missing", None):
+        print(f"nanoseek {args.command}: not available in this build ({args._missing})", file=sys.stderr)
+        return 2
+    rc = importlib.import_module(args._module).main(args)
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
