@@ -16,8 +16,12 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "corpus": ("nanoseek.stages.corpus", "write the synthetic pretraining/SFT corpus"),
     "tokenizer": ("nanoseek.stages.tokenizer", "train the byte-level BPE tokenizer"),
+    "pretrain": ("nanoseek.stages.pretrain", "pretrain a model on the corpus"),
+    "sft": ("nanoseek.stages.sft", "supervised fine-tuning on conversations"),
     "speedrun": ("nanoseek.stages.speedrun", "the main job: every stage end to end on the tiny preset"),
     "generate": ("nanoseek.stages.generate", "generate text from a checkpoint directory"),
+    "chat": ("nanoseek.stages.chat", "chat with a checkpoint in the terminal"),
+    "bench": ("nanoseek.bench", "side-by-side benchmarks against the anchors (model, engine, fp8, …)"),
     "params": ("nanoseek.stages.params", "count total and activated parameters of a config"),
 }
 
