@@ -2,9 +2,19 @@
 
 Top level: `load_pretrained(path, dtype=None)` and `save_pretrained(model, path, tokenizer=None)`
 read and write Hugging Face model directories (checkpoint.py); `ModelConfig` and the presets live
-in config.py, the model in model.py.
+in config.py, the model in model.py. Names load lazily, so importing a torch-free part of the
+package (tasks, rewards, the corpus writer, math-verify worker processes) does not import torch.
 """
-from nanoseek.checkpoint import load_pretrained, save_pretrained
-from nanoseek.config import ModelConfig
+from __future__ import annotations
 
-__all__ = ["load_pretrained", "save_pretrained", "ModelConfig"]
+import importlib
+
+_LAZY = {"load_pretrained": "nanoseek.checkpoint", "save_pretrained": "nanoseek.checkpoint",
+         "ModelConfig": "nanoseek.config"}
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'nanoseek' has no attribute {name!r}")

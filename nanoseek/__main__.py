@@ -3,4 +3,5 @@ import sys
 
 from nanoseek.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # guarded: spawn-context workers re-import the main module
+    sys.exit(main())

@@ -138,7 +138,7 @@ def bias_update(bias: torch.Tensor, counts: torch.Tensor, gamma: float) -> torch
     """Auxiliary-loss-free balancing: b_i += γ·sign(mean load − load_i), in place; returns bias.
 
     >>> b = torch.zeros(4); bias_update(b, torch.tensor([6., 2., 0., 0.]), 0.001)
-    tensor([-0.0010, -0.0000,  0.0010,  0.0010])
+    tensor([-0.0010,  0.0000,  0.0010,  0.0010])
     """
     return bias.add_(gamma * torch.sign(counts.float().mean() - counts.float()))
 
