@@ -1,0 +1,213 @@
+"""`nanoseek bench engine`: the engine against transformers' `generate`, on the same tiny weights.
+
+Figures (medians of --reps repetitions, interleaved ours/theirs so drift hits both):
+  decode     tokens/s at batch 1 and 16: 16-token prompts, 64 new tokens forced (ignore_eos /
+             min_new_tokens), greedy, prefill included, vs `AutoModelForCausalLM.generate` on the
+             checkpoint the engine loaded (transformers' DeepseekV3 with its DynamicCache).
+  prefix     TTFT of a request whose ~2k-token prefix is cached vs the same request after
+             `clear_prefix_cache()` (the miss computes all of it in one chunk).
+  kv bytes   cached bytes per token: MLA's latent + rope key vs the same model's per-head K and V.
+  MTP        batch-1 greedy decode with 1 MTP draft per step vs without (same engine settings):
+             acceptance = accepted / proposed drafts, speed-up = tokens/s ratio; outputs must be
+             identical. Needs a trained MTP module (random heads accept ~nothing): without --model
+             the bench first pretrains the tiny preset for --train-steps on synthetic, highly
+             regular text (counting, repeated phrases, running sums) with the MTP loss (λ = 0.3),
+             and uses those weights for every figure; the output says which weights it used.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+from nanoseek.bench.common import report
+
+WORDS = ("the red fox runs over a hill and the blue bird sings to one small cat while old "
+         "trees grow near cold water in green fields").split()
+
+
+def add_arguments(p):
+    p.add_argument("--model", help="checkpoint directory with a trained MTP module (default: pretrain tiny here)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions per figure (median)")
+    p.add_argument("--train-steps", type=int, default=300, help="pretraining steps when no --model is given")
+    p.add_argument("--prefix-tokens", type=int, default=2000, help="shared prefix length for the TTFT figure")
+    p.add_argument("--spec-tokens", type=int, default=1, help="MTP drafts per step")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+
+
+# ------------------------------------------------------------------ synthetic pretraining
+def synthetic_doc(rng: random.Random) -> str:
+    kind = rng.randrange(3)
+    if kind == 0:                                  # counting by a step
+        a, k = rng.randrange(1, 500), rng.randrange(1, 4)
+        return f"count by {k} from {a}: " + " ".join(str(a + i * k) for i in range(60))
+    if kind == 1:                                  # a phrase repeated
+        phrase = " ".join(rng.choice(WORDS) for _ in range(rng.randrange(3, 8)))
+        return "repeat: " + ". ".join([phrase] * 14) + "."
+    a, k = rng.randrange(1, 100), rng.randrange(1, 10)    # running sums
+    return "sums: " + "; ".join(f"{a + i}+{k}={a + i + k}" for i in range(25))
+
+
+def pretrain(steps: int, log) -> tuple:
+    """Tiny preset (MTP depth 1) trained on synthetic_doc text with CE + 0.3 · MTP loss."""
+    from nanoseek.config import tiny
+    from nanoseek.model import Transformer
+    from nanoseek.mtp import mtp_loss
+    from nanoseek.tokenizer import train_tokenizer
+    rng = random.Random(0)
+    tok = train_tokenizer([synthetic_doc(rng) for _ in range(3000)], vocab_size=1024)
+    stream: list[int] = []
+    torch.manual_seed(0)
+    model = Transformer(tiny(vocab_size=1024)).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.0)
+    B, T, t0 = 8, 256, time.perf_counter()
+    for step in range(steps):
+        while len(stream) < B * T:
+            stream += [tok.bos_id] + tok.encode(synthetic_doc(rng)) + [tok.eos_id]
+        ids = torch.tensor(stream[:B * T]).view(B, T)
+        del stream[:B * T]
+        lr = 3e-3 * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        out = model(ids, mtp=True)
+        main = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        extra, per_depth = mtp_loss(out.mtp_logits, ids, weight=0.3)
+        opt.zero_grad(set_to_none=True)
+        (main + extra).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 50 == 0 or step == steps - 1:
+            log(f"  pretrain step {step:4d}  loss {main.item():.3f}  mtp {per_depth[0].item():.3f}  "
+                f"{time.perf_counter() - t0:.0f}s")
+    return model.eval(), tok, f"pretrained here: tiny, {steps} steps x {B}x{T} synthetic tokens, MTP λ=0.3"
+
+
+# ------------------------------------------------------------------ measurements
+def interleaved(fns: dict, reps: int) -> dict:
+    """Median seconds of each fn, run round-robin after one warm-up each."""
+    for f in fns.values():
+        f()
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def decode_figures(llm, hf, vocab: int, reps: int) -> dict:
+    from nanoseek.engine import SamplingParams
+    out = {}
+    sp = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+    for B in (1, 16):
+        g = torch.Generator().manual_seed(B)
+        prompts = torch.randint(10, vocab, (B, 16), generator=g)
+
+        def ours():
+            llm.clear_prefix_cache()
+            llm.generate(prompts.tolist(), sp)
+
+        def theirs():
+            hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=64, min_new_tokens=64,
+                        do_sample=False, pad_token_id=0)
+        t = interleaved({"ours": ours, "hf": theirs}, reps)
+        out[f"decode_b{B}_tok_s"] = B * 64 / t["ours"]
+        out[f"decode_b{B}_tok_s_transformers"] = B * 64 / t["hf"]
+    return out
+
+
+def ttft_figures(llm, tok, prefix_tokens: int, reps: int) -> dict:
+    from nanoseek.engine import SamplingParams
+    rng = random.Random(1)
+    text = " ".join(synthetic_doc(rng) for _ in range(prefix_tokens // 50))
+    prefix = tok.encode(text)[:prefix_tokens]
+    sp = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    suffix = iter(range(10 ** 6))
+
+    def ttft(clear: bool) -> float:
+        if clear:
+            llm.clear_prefix_cache()
+        ids = prefix + tok.encode(f" question {next(suffix)}: 12+34=")
+        t0 = time.perf_counter()
+        llm.generate([ids], sp)
+        return time.perf_counter() - t0
+    ttft(True)
+    ttft(False)
+    miss, hit = [], []
+    for _ in range(reps):
+        miss.append(ttft(True))
+        hit.append(ttft(False))
+    return {"ttft_miss_ms": 1e3 * statistics.median(miss), "ttft_hit_ms": 1e3 * statistics.median(hit),
+            "prefix_tokens": len(prefix)}
+
+
+def mtp_figures(model, tok, spec_tokens: int, reps: int, **engine_kw) -> dict:
+    from nanoseek.engine import LLM, SamplingParams
+    rng = random.Random(2)
+    prompts = [tok.encode(synthetic_doc(rng))[:24] for _ in range(4)]
+    sp = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+    plain = LLM(model, tok, **engine_kw)
+    spec = LLM(model, tok, speculative_tokens=spec_tokens, **engine_kw)
+    results = {}
+
+    def run(llm, name):
+        def f():
+            llm.clear_prefix_cache()
+            results[name] = [llm.generate([p], sp)[0][0].token_ids for p in prompts]   # batch 1, one by one
+        return f
+    t = interleaved({"plain": run(plain, "plain"), "spec": run(spec, "spec")}, reps)
+    c = spec.counters
+    return {"mtp_acceptance": c["spec_accepted"] / max(c["spec_proposed"], 1),
+            "spec_tok_s": len(prompts) * 64 / t["spec"], "plain_tok_s": len(prompts) * 64 / t["plain"],
+            "spec_identical": float(results["plain"] == results["spec"])}
+
+
+# ------------------------------------------------------------------ main
+def main(args) -> int:
+    import transformers
+    from nanoseek import load_pretrained, save_pretrained
+    from nanoseek.engine import LLM
+    from nanoseek.engine.llm import load_tokenizer
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    log = (lambda s: print(s, file=sys.stderr)) if args.json else print
+    if args.model:
+        model, tok, source = load_pretrained(args.model).eval(), load_tokenizer(args.model), f"loaded {args.model}"
+    else:
+        model, tok, source = pretrain(args.train_steps, log)
+    transformers.logging.set_verbosity_error()
+    with tempfile.TemporaryDirectory() as d:
+        save_pretrained(model, d, tokenizer=tok)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(d).eval()
+    cfg = model.config
+    engine_kw = dict(block_size=16, max_num_batched_tokens=4096)
+    llm = LLM(model, tok, **engine_kw)
+    log("decode ...")
+    with torch.inference_mode():
+        figures = decode_figures(llm, hf, cfg.vocab_size, args.reps)
+    log("prefix TTFT ...")
+    figures.update(ttft_figures(llm, tok, args.prefix_tokens, args.reps))
+    mha = cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * 4
+    figures.update(kv_bytes_per_token_mla=llm.cache.bytes_per_token(), kv_bytes_per_token_mha=mha)
+    log("MTP speculative decoding ...")
+    figures.update(mtp_figures(model, tok, args.spec_tokens, args.reps, **engine_kw))
+    ratios = {
+        "decode_batch1_vs_transformers": figures["decode_b1_tok_s"] / figures["decode_b1_tok_s_transformers"],
+        "decode_batch16_vs_transformers": figures["decode_b16_tok_s"] / figures["decode_b16_tok_s_transformers"],
+        "prefix_hit_vs_miss_ttft": figures["ttft_miss_ms"] / figures["ttft_hit_ms"],
+        "spec_mtp_speedup_batch1": figures["spec_tok_s"] / figures["plain_tok_s"],
+        "kv_bytes_mha_vs_mla": mha / figures["kv_bytes_per_token_mla"],
+    }
+    config = {"model": source, "preset": "tiny" if not args.model else cfg.model_type, "reps": args.reps,
+              "threads": torch.get_num_threads(), "spec_tokens": args.spec_tokens, "dtype": str(next(model.parameters()).dtype),
+              "transformers": transformers.__version__}
+    report("engine", config, figures, ratios, args.json)
+    return 0

@@ -1,0 +1,351 @@
+"""`LLM`: the engine everyone uses (RL rollouts, evaluation, the CLI, the server).
+
+    llm = LLM("runs/x/r1")                       # or LLM(model, tokenizer) for a live policy
+    llm.generate(["2+3=", ...], SamplingParams(temperature=0.6, n=8))   # -> per prompt n Completions
+    rid = llm.add_request(prompt, params); outs = llm.step(); llm.abort(rid)   # streaming
+    llm.update_weights(policy.state_dict())      # RL: new weights in place, prefix cache cleared
+
+Split the vLLM / nano-vllm way, one concept per file:
+  sequence.py      SamplingParams, Request / Sequence state, stop rules, incremental detokenizing
+  kv_cache.py      slot pools in blocks, memory budget, packed AttentionBatch from block tables
+  prefix_cache.py  block manager: ref counts, chained block hashes, LRU eviction, revival
+  scheduler.py     continuous batching, chunked prefill, token budget, preemption
+  runner.py        packs a step into one [1, N] forward pass; logits only where sampled
+  sampler.py       temperature / top-k / top-p, per-request generators, logprobs
+  speculative.py   MTP drafting and exact acceptance
+  llm.py           this file: step() = schedule -> run -> sample/accept -> MTP -> fork -> bookkeeping
+
+n > 1. A request's n samples share one prefill: sequence 0 computes the prompt; when its last
+prompt token's logits exist, every sample draws its first token from them with its own generator
+and samples 1..n-1 are forked: they share the prompt's full blocks (reference counts) and get a
+copy of the partial last block (copy-on-write), as nanochat and vLLM's fork do.
+
+Weights. `update_weights(state)` copies tensors into the model in place (nanoseek or transformers
+key names) and clears the prefix cache, whose KV the old weights computed. Sequences still running
+keep the KV they have (as in asynchronous RL engines); call it between rollouts to avoid that.
+An `LLM(model)` built on a live module shares its parameters, so `update_weights()` with no
+argument only clears the cache. The engine never changes the module's train/eval mode: a forward
+pass with a cache does not depend on it.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from typing import Iterable
+
+import torch
+
+from nanoseek.engine import sampler
+from nanoseek.engine.kv_cache import KVCache
+from nanoseek.engine.prefix_cache import BlockManager
+from nanoseek.engine.runner import ModelRunner
+from nanoseek.engine.scheduler import Scheduled, Scheduler
+from nanoseek.engine.sequence import Completion, Request, RequestOutput, SamplingParams, Sequence, Status
+from nanoseek.engine.speculative import MTPDrafter, accept_greedy, accept_sampled
+
+
+def load_tokenizer(path: str):
+    """The directory's tokenizer.json: nanoseek's Tokenizer (R1 specials, chat template) when it has
+    DeepSeek's BOS/EOS, else a plain `tokenizers` wrapper (encode/decode only); None without one."""
+    from nanoseek.tokenizer import Tokenizer
+    if not os.path.exists(os.path.join(path, "tokenizer.json")):
+        return None
+    try:
+        return Tokenizer.load(path)
+    except ValueError:
+        return PlainTokenizer(os.path.join(path, "tokenizer.json"))
+
+
+class PlainTokenizer:
+    """Any tokenizer.json without DeepSeek's special tokens (no chat template)."""
+
+    def __init__(self, file: str):
+        import tokenizers
+        self.backend = tokenizers.Tokenizer.from_file(file)
+        self.bos_id = self.eos_id = None
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+
+class LLM:
+    def __init__(self, model, tokenizer=None, *, dtype: torch.dtype | str | None = None, block_size: int = 16,
+                 kv_cache_memory: int = 256 << 20, num_blocks: int | None = None, max_num_seqs: int = 256,
+                 max_num_batched_tokens: int = 2048, enable_prefix_caching: bool = True,
+                 speculative_tokens: int = 0, max_model_len: int | None = None, add_bos: bool = True):
+        """model: a checkpoint directory (nanoseek.load_pretrained) or a Transformer. KV memory is
+        `num_blocks` blocks of `block_size` tokens, or as many as fit in `kv_cache_memory` bytes.
+        speculative_tokens = k > 0 drafts k tokens per step with the model's MTP module."""
+        if isinstance(model, (str, os.PathLike)):
+            from nanoseek.checkpoint import load_pretrained
+            path = str(model)
+            model = load_pretrained(path, dtype)
+            tokenizer = tokenizer if tokenizer is not None else load_tokenizer(path)
+        self.model, self.tokenizer, self.add_bos = model, tokenizer, add_bos
+        cfg = model.config
+        spec = speculative_tokens > 0
+        layers = model.num_cache_layers(with_mtp=spec)
+        param = next(model.parameters())
+        hidden = cfg.hidden_size if spec else 0
+        if num_blocks is None:
+            num_blocks = KVCache.blocks_for_budget(kv_cache_memory, layers, cfg.cache_width(), block_size,
+                                                   param.dtype, hidden)
+        self.cache = KVCache(layers, cfg.cache_width(), num_blocks, block_size, param.dtype, param.device, hidden)
+        self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens, lookahead=speculative_tokens)
+        self.runner = ModelRunner(model, self.cache)
+        self.drafter = MTPDrafter(model, self.cache, speculative_tokens) if spec else None
+        self.max_model_len = max_model_len or cfg.max_position_embeddings
+        eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id]
+        if tokenizer is not None and getattr(tokenizer, "eos_id", None) is not None:
+            eos = eos + [tokenizer.eos_id]
+        self.eos_ids = frozenset(e for e in eos if e is not None)
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+        self.counters = dict(steps=0, prompt_tokens_computed=0, generated_tokens=0, spec_proposed=0,
+                             spec_accepted=0)
+
+    # ------------------------------------------------------------------ requests
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if not isinstance(prompt, str):
+            return [int(t) for t in prompt]
+        if self.tokenizer is None:
+            raise ValueError("a text prompt needs a tokenizer; pass token ids or LLM(..., tokenizer=...)")
+        ids = self.tokenizer.encode(prompt)
+        bos = getattr(self.tokenizer, "bos_id", None)
+        return [bos] + ids if self.add_bos and bos is not None and ids[:1] != [bos] else ids
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        params = params or SamplingParams()
+        ids = self.encode(prompt)
+        if not ids:
+            raise ValueError("empty prompt")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt of {len(ids)} tokens does not fit max_model_len {self.max_model_len}")
+        if len(ids) + self.scheduler.lookahead > self.scheduler.capacity_tokens():
+            raise ValueError(f"prompt of {len(ids)} tokens exceeds the KV cache ({self.scheduler.capacity_tokens()} tokens)")
+        rid = request_id if request_id is not None else str(next(self._ids))
+        if rid in self.requests:
+            raise ValueError(f"request id {rid!r} is already running")
+        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
+        req = Request(rid, prompt if isinstance(prompt, str) else None, ids, params, stop_ids, arrival=time.perf_counter())
+        req.seqs.append(Sequence(req, 0, ids))     # samples 1..n-1 are forked after the prefill
+        self.requests[rid] = req
+        self.scheduler.add(req.seqs[0])
+        return rid
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its blocks; returns its final output (None if unknown)."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        for seq in req.seqs:
+            if not seq.finished:
+                self.scheduler.remove(seq)
+                seq.finish("abort")
+        while len(req.seqs) < req.params.n:
+            req.seqs.append(Sequence(req, len(req.seqs), req.prompt_token_ids))
+            req.seqs[-1].finish("abort")
+        return req.output()
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> list[list[Completion]]:
+        """Run prompts (texts or token-id lists) to completion: per prompt, its n completions."""
+        single = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
+                                              and isinstance(prompts[0], int))
+        prompts = [prompts] if single else list(prompts)
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        done: dict[str, list[Completion]] = {}
+        while any(i not in done for i in ids):
+            for rid, req in self._step().items():
+                if req.finished and rid in self.requests:
+                    done[rid] = self.requests.pop(rid).output().outputs
+        return [done[i] for i in ids]
+
+    def chat(self, conversations: list[dict] | list[list[dict]], params: SamplingParams | None = None):
+        """generate() on chat conversations rendered with the tokenizer's chat template."""
+        single = conversations and isinstance(conversations[0], dict)
+        convs = [conversations] if single else conversations
+        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True) for c in convs]
+        return self.generate(prompts, params)
+
+    # ------------------------------------------------------------------ weights and cache
+    @torch.no_grad()
+    def update_weights(self, weights=None) -> None:
+        """Copy new weights in place (a state dict, (name, tensor) pairs or a module; nanoseek or
+        transformers names; a subset is fine), then clear the prefix cache."""
+        if weights is not None:
+            if isinstance(weights, torch.nn.Module):
+                weights = weights.state_dict()
+            items = dict(weights.items() if isinstance(weights, dict) else weights)
+            if any(k.startswith("model.") for k in items):
+                from nanoseek.hf import from_hf
+                items, problems = from_hf(items, self.model.config)
+                if problems:
+                    raise ValueError("update_weights: " + "; ".join(problems))
+            own = self.model.state_dict()
+            unknown = sorted(k for k in items if k not in own or own[k].shape != items[k].shape)
+            if unknown:
+                raise ValueError(f"update_weights: unknown or mis-shaped tensors: {unknown[:8]}")
+            for k, v in items.items():
+                own[k].copy_(v)
+        self.blocks.clear()
+
+    def clear_prefix_cache(self) -> None:
+        self.blocks.clear()
+
+    def stats(self) -> dict:
+        s = dict(self.counters)
+        s.update(prefix_queries=self.blocks.queries, prefix_hits=self.blocks.hits, evictions=self.blocks.evictions,
+                 preemptions=self.scheduler.num_preemptions, kv_usage=self.blocks.usage(),
+                 running=len(self.scheduler.running), waiting=len(self.scheduler.waiting))
+        return s
+
+    # ------------------------------------------------------------------ the step
+    def step(self) -> list[RequestOutput]:
+        """One engine step; returns the current state of every request it advanced (finished ones
+        for the last time)."""
+        outs = []
+        for rid, req in self._step().items():
+            if rid in self.requests:
+                outs.append(req.output())
+                if req.finished:
+                    del self.requests[rid]
+        return outs
+
+    @torch.inference_mode()
+    def _step(self) -> dict[str, Request]:
+        """Schedule, run one forward pass, sample or verify, draft; returns the touched requests."""
+        touched: dict[str, Request] = {}
+        work = self.scheduler.schedule()
+        for seq in self.scheduler.ended:
+            touched[seq.request.request_id] = seq.request
+        self.scheduler.ended.clear()
+        if work:
+            self.counters["steps"] += 1
+            self._run(work, touched)
+        return touched
+
+    def _run(self, work: list[Scheduled], touched: dict) -> None:
+        hidden = self.runner.forward(work)
+        offsets = list(itertools.accumulate([0] + [w.num_inputs for w in work]))
+        done = [w.seq.num_computed + w.num_tokens == w.seq.num_tokens for w in work]
+        rows = [r for w, off, d in zip(work, offsets, done) if d
+                for r in range(off + w.num_tokens - 1, off + w.num_inputs)]
+        logits = self.runner.logits(hidden[rows]) if rows else None
+        emitted, first_rows = self._sample(work, done, logits)
+        mtp_items, drafting, forks = [], [], []
+        for w, off, d in zip(work, offsets, done):
+            seq, nc_old = w.seq, w.seq.num_computed
+            self.counters["prompt_tokens_computed"] += max(0, min(seq.num_prompt_tokens - nc_old, w.num_tokens))
+            touched[seq.request.request_id] = seq.request
+            committed = w.num_tokens + (len(emitted[seq.seq_id][0]) - 1 if d else 0)
+            seq.num_computed = nc_old + committed
+            if d:
+                self._commit_tokens(seq, *emitted[seq.seq_id])
+                if len(seq.request.seqs) < seq.params.n:
+                    forks.append(seq)
+            if self.drafter is not None:
+                self._remember_block_hidden(seq, nc_old, hidden[off:off + committed])
+                if not seq.finished:
+                    mtp_items.append((seq, hidden[off:off + committed], nc_old))
+                    drafting.append(seq.num_uncomputed == 1)
+        if mtp_items:
+            self.drafter.step(mtp_items, drafting)
+        for seq in forks:
+            self._fork(seq, first_rows[seq.seq_id], hidden, offsets, work)
+        for w in work:
+            seq = w.seq
+            valid = seq.num_computed if self.drafter is None else min(seq.num_computed, seq.mtp_len)
+            self.blocks.register_full_blocks(seq, valid)
+            if seq.finished:
+                self.scheduler.remove(seq)
+
+    def _sample(self, work, done, logits):
+        """Tokens to emit per sequence: plain rows are sampled together, drafts verified one by one.
+        Returns ({seq_id: (tokens, logits rows)}, {seq_id: first-token logits row} for forks)."""
+        emitted, first_rows, plain, r = {}, {}, [], 0
+        for w, d in zip(work, done):
+            if not d:
+                continue
+            first_rows[w.seq.seq_id] = logits[r]        # a fork's samples draw their first token here
+            if w.draft:                                 # (a draft may already guess a prompt's first token)
+                lg = logits[r:r + 1 + len(w.draft)]
+                emitted[w.seq.seq_id] = (self._verify(w, lg), lg)
+            else:
+                plain.append((w.seq, r))
+            r += 1 + len(w.draft)
+        if plain:
+            lg = logits[[r for _, r in plain]]
+            tokens, _ = sampler.sample(lg, [s.params for s, _ in plain], [s.generator for s, _ in plain])
+            for (s, _), t, row in zip(plain, tokens.tolist(), lg):
+                emitted[s.seq_id] = ([t], row[None])
+        return emitted, first_rows
+
+    def _verify(self, w: Scheduled, lg: torch.Tensor) -> list[int]:
+        seq = w.seq
+        if seq.params.greedy:
+            out = accept_greedy(lg, w.draft)
+        else:
+            p = sampler.processed_logits(lg, *sampler.row_params([seq.params] * len(lg))).softmax(-1)
+            out = accept_sampled(p, seq.draft_probs, w.draft, seq.generator)
+        self.counters["spec_proposed"] += len(w.draft)
+        self.counters["spec_accepted"] += len(out) - 1
+        return out
+
+    def _commit_tokens(self, seq: Sequence, tokens: list[int], rows: torch.Tensor) -> None:
+        lps, tops = [None] * len(tokens), [None] * len(tokens)
+        if seq.params.logprobs is not None:
+            lps, tops = sampler.logprobs(rows[:len(tokens)], [seq.params] * len(tokens),
+                                         torch.tensor(tokens), seq.params.logprobs)
+            tops = tops or [None] * len(tokens)
+        if seq.request.first_token_time is None:
+            seq.request.first_token_time = time.perf_counter()
+        for t, lp, top in zip(tokens, lps, tops):
+            self.counters["generated_tokens"] += 1
+            if seq.append(t, self.tokenizer, self.max_model_len, lp, top):
+                break
+
+    def _remember_block_hidden(self, seq: Sequence, nc_old: int, rows: torch.Tensor) -> None:
+        """Keep h at each block's last position (see kv_cache.py: MTP after a prefix hit)."""
+        B = self.cache.block_size
+        for p in range(nc_old, nc_old + len(rows)):
+            if (p + 1) % B == 0:
+                self.cache.last_hidden[seq.block_table[p // B]] = rows[p - nc_old]
+
+    def _fork(self, parent: Sequence, row: torch.Tensor, hidden, offsets, work) -> None:
+        """Create samples 1..n-1 from a finished prompt: shared full blocks, a copied partial block,
+        and each one's first token drawn from the prompt's last logits with its own generator."""
+        req, B, P = parent.request, self.cache.block_size, parent.num_prompt_tokens
+        children = [Sequence(req, i, req.prompt_token_ids) for i in range(len(req.seqs), req.params.n)]
+        tokens, _ = sampler.sample(row[None].expand(len(children), -1), [c.params for c in children],
+                                   [c.generator for c in children])
+        i = next(j for j, w in enumerate(work) if w.seq is parent)
+        last_hidden = hidden[offsets[i] + work[i].num_tokens - 1]
+        for child, t in zip(children, tokens.tolist()):
+            req.seqs.append(child)
+            child.cached_prompt_tokens = parent.cached_prompt_tokens
+            full = P // B
+            table = parent.block_table[:full]
+            extra = self.blocks.allocate(1) if P % B else []
+            if extra is None:
+                self.scheduler.add(child)                    # no memory now: recompute it later
+            else:
+                self.blocks.acquire(table)
+                if extra:
+                    self.cache.copy_block(parent.block_table[full], extra[0], P % B)
+                child.block_table, child.block_hashes = table + extra, parent.block_hashes[:full]
+                child.num_computed, child.mtp_len, child.last_hidden = P, P, last_hidden.clone()
+                child.status = Status.RUNNING
+                self.scheduler.running.append(child)
+            self._commit_tokens(child, [t], row[None])
+            if child.finished:
+                self.scheduler.remove(child)

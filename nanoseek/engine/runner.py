@@ -1,0 +1,41 @@
+"""The model runner: one scheduled step -> one forward pass of the model.
+
+It lays every scheduled sequence's new tokens end to end into one packed [1, N] input (prefill
+chunks, 1-token decodes and speculative verifications alike, cache.py's packed layout), builds the
+step's `AttentionBatch` from the block tables (kv_cache.py) and runs `model.forward_hidden` with
+the paged cache. Padding exists only inside attention. MLA picks its absorbed form by itself when
+every sequence feeds one token (mla.py), i.e. in every pure decode step.
+
+Logits are computed only at the rows that are sampled (`logits(rows)`): the last row of a finished
+prefill, the 1 + k rows of a verification; a 2k-token prefill pays the vocabulary projection once,
+not 2k times.
+"""
+from __future__ import annotations
+
+import torch
+
+from nanoseek.engine.kv_cache import KVCache
+from nanoseek.engine.scheduler import Scheduled
+
+
+class ModelRunner:
+    def __init__(self, model, cache: KVCache):
+        self.model, self.cache = model, cache
+        self.device = next(model.parameters()).device
+
+    def forward(self, work: list[Scheduled]) -> torch.Tensor:
+        """Feed the step's tokens; returns the final (normed) hidden states [N, D] in input order."""
+        ids, tables, starts, qlens = [], [], [], []
+        for w in work:
+            s = w.seq
+            ids += s.token_ids[s.num_computed:s.num_computed + w.num_tokens]
+            ids += w.draft
+            tables.append(s.block_table)
+            starts.append(s.num_computed)
+            qlens.append(w.num_inputs)
+        self.cache.plan(self.cache.paged_batch(tables, starts, qlens))
+        hidden = self.model.forward_hidden(torch.tensor(ids, device=self.device)[None], cache=self.cache)[0]
+        return hidden[0]
+
+    def logits(self, hidden_rows: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(hidden_rows).float()
