@@ -24,7 +24,7 @@ from torch import nn
 
 from nanoseek.attention import GQAttention
 from nanoseek.config import ModelConfig
-from nanoseek.layers import MLP, RMSNorm
+from nanoseek.layers import MLP, RMSNorm, run_linear
 from nanoseek.mla import MLA
 from nanoseek.moe import MoE, Router, Experts, RouterStats
 from nanoseek.mtp import MTPModule
@@ -41,6 +41,18 @@ class ModelOutput:
     def expert_load(self) -> torch.Tensor:
         """Tokens per expert per MoE layer [n_moe_layers, E]."""
         return torch.stack([s.counts for s in self.router_stats])
+
+
+class StatsSink:
+    """Collects RouterStats during one forward. Not a list on purpose: FSDP2's pre-forward hook
+    rebuilds list arguments that hold grad-requiring tensors, so appends made inside a sharded
+    block would land in a copy and be lost (tests/test_distributed.py runs FSDP2)."""
+
+    def __init__(self):
+        self.items: list[RouterStats] = []
+
+    def append(self, s: RouterStats) -> None:
+        self.items.append(s)
 
 
 class Block(nn.Module):
@@ -92,9 +104,9 @@ class Transformer(nn.Module):
         return self.norm(x), cos, sin
 
     def forward(self, input_ids, positions=None, cache=None, mtp: bool | None = None) -> ModelOutput:
-        stats: list[RouterStats] = []
+        stats = StatsSink()
         hidden, cos, sin = self.forward_hidden(input_ids, positions, cache, stats)
-        out = ModelOutput(logits=self.lm_head(hidden), router_stats=stats, hidden=hidden)
+        out = ModelOutput(logits=run_linear(self.lm_head, hidden), router_stats=stats.items, hidden=hidden)
         if mtp is None:
             mtp = self.training and cache is None
         if mtp and len(self.mtp):
@@ -106,7 +118,7 @@ class Transformer(nn.Module):
                 if Tk <= 0:
                     break
                 h = module(h[:, :Tk], emb[:, k:], cos[:, k:], sin[:, k:], stats=stats)
-                out.mtp_logits.append(self.lm_head(h))
+                out.mtp_logits.append(run_linear(self.lm_head, h))
         return out
 
 
