@@ -146,7 +146,8 @@ def experts_grouped(experts: Experts, x, topk_idx, topk_weight) -> torch.Tensor:
 
 
 def experts_sorted(experts: Experts, x, topk_idx, topk_weight) -> torch.Tensor:
-    """Fast dispatch. x [N, H], topk_* [N, K] -> [N, H]."""
+    """Sorted dispatch, one `experts.expert(e, ·)` call per expert's slice (what subclasses such as
+    fp8's run, and a reference for experts_grouped). x [N, H], topk_* [N, K] -> [N, H]."""
     N, K = topk_idx.shape
     flat = topk_idx.flatten()
     order = flat.argsort(stable=True)                      # pairs grouped by expert

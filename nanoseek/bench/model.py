@@ -45,17 +45,20 @@ The process, the same for both sides:
     `compile_first_call_s_<item>` (inductor caches on disk: a warm cache costs a fraction).
 
 Measured 2026-11-23, this 2-core EPYC (AVX-512, no AMX), quiet machine (other_cpu_load 0.00),
-OMP default spinning, 2 threads, torch 2.13, `nanoseek bench model --preset P [--compile] --json`:
+OMP default spinning, 2 threads, torch 2.13, `nanoseek bench model --preset P [--compile] --json`;
+the machine stays noisy when quiet (the fp32 peak read 153–195 GFLOP/s from run to run), so ranges:
 
-  preset, mode       train fp32 ns/hf tok/s   ×     best (bf16) ×   prefill fp32 ×   MFU fp32 / best
-  tiny  eager        8,767 / 7,467           1.17    1.79            1.24             0.59 / 0.42
-  tiny  eager (2)    8,467 / 6,988           1.21    1.85            1.28             0.60 / 0.42
-  tiny  --compile    9,075 / 7,228           1.26    1.84            1.24             0.60 / 0.41
-  small eager        2,369 / 1,883           1.26    1.86            1.24             0.56 / 0.39
-  small --compile    2,502 / 1,922           1.30    2.00            1.23             0.61 / 0.42
-bf16 vs transformers' bf16: 1.56–1.58 (tiny), 1.64 (small); compile first calls, tiny: 18 s
-(train fp32), 18 s (train bf16), 6–9 s (prefill) with a cold-ish cache, 2–6 s warm; small 29/29/
-11/9 s. With one other process at 100 % of a core (PASSIVE): tiny fp32 1.16–1.22, best 1.84.
+  preset, mode     runs  train fp32 ×        best (bf16) ×   prefill fp32 ×   MFU fp32     MFU best
+  tiny  eager        6   1.14–1.37 (med 1.21) 1.73–1.89       1.19–1.38        0.59–0.70    0.36–0.43
+  tiny  --compile    3   1.22–1.26            1.84–1.92       1.22–1.29        0.57–0.60    0.38–0.43
+  small eager        2   1.26, 1.26           1.86, 1.86      1.24, 1.33       0.56, 0.61   0.39, 0.41
+  small --compile    2   1.30, 1.31           1.95, 2.00      1.21, 1.23       0.61, 0.65   0.40, 0.42
+Tokens/s, tiny eager: nanoseek 8,500–9,100 fp32 and 12,900–13,900 bf16 against transformers'
+7,000–7,500 fp32 (cpu_facts §3: 6,700–7,400) and 8,200–8,600 bf16; small: 2,370 / 3,500 against
+1,880 / 2,130. bf16 vs transformers' bf16: 1.56–1.63 (tiny), 1.64–1.69 (small). Compile first
+calls: tiny 18 / 18 / 6 / 9 s (train fp32, train bf16, prefill fp32, prefill bf16) after a code
+change, 2–7 s with a warm inductor cache; small 29 / 29 / 11 / 9 s, then 2–6 s. With one other
+process at 100 % of a core (PASSIVE): tiny fp32 1.16–1.22, best 1.84.
 
 Where the time goes (torch.profiler, 5 tiny fp32 training steps, self CPU time): aten::mm 36 %
 (weight gradients on MKL, grouped expert GEMMs), mkldnn::_linear_pointwise 24 % (forward and dX
