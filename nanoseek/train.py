@@ -176,8 +176,9 @@ def train_step(model, batches: list[Batch], optimizer, args, dist, mtp_depth: in
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    totals = dist.all_reduce_sum(torch.cat([sums, load.flatten()]))
-    sums, load = totals[: D + 2], totals[D + 2:].view(len(layers), E)
+    tokens = torch.tensor([float(sum(b.num_tokens for b in batches))])
+    totals = dist.all_reduce_sum(torch.cat([sums, tokens, load.flatten()]))   # one all-reduce
+    sums, tokens, load = totals[: D + 2], totals[D + 2], totals[D + 3:].view(len(layers), E)
     if args.gamma > 0:
         for li, layer in enumerate(layers):
             bias_update(routers[layer].e_score_correction_bias, load[li], args.gamma)
@@ -188,7 +189,7 @@ def train_step(model, batches: list[Batch], optimizer, args, dist, mtp_depth: in
            "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
            "maxvio_mean": float(vio.mean()) if len(layers) else 0.0,
            "maxvio": dict(zip(layer_labels(model, layers), [round(float(v), 4) for v in vio])),
-           "tokens": int(dist.all_reduce_sum(torch.tensor(float(sum(b.num_tokens for b in batches)))))}
+           "tokens": int(tokens)}
     rec.update({f"mtp{k}_loss": float(losses[k]) for k in range(1, D + 1)})
     return rec
 

@@ -46,7 +46,7 @@ def add_arguments(p) -> None:
     p.add_argument("--data", default=None, help="corpus directory (default: write a small one)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: train one, vocab 512)")
     p.add_argument("--docs", type=int, default=4000, help="documents of the on-the-fly corpus")
-    p.add_argument("--eval-rows", type=int, default=64, help="fixed held-out rows for the final loss")
+    p.add_argument("--eval-rows", type=int, default=256, help="fixed held-out rows for the final loss")
     p.add_argument("--fp8-backend", default="auto", choices=["auto", "scaled_mm", "emulate"], help="FP8 GEMMs")
     p.add_argument("--precisions", default="fp32,bf16,fp8", help="comma-separated runs (fp32 first)")
     p.add_argument("--threads", type=int, default=None, help="torch threads")

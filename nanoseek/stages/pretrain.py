@@ -49,7 +49,7 @@ def add_arguments(p) -> None:
     p.add_argument("--mtp-depth", type=int, default=None, help="MTP depth D (default: the preset's); 0: none")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a ModelConfig field, e.g. --set hidden_size=128 (repeatable)")
-    train.add_common_arguments(p, out="runs/tiny/pretrain", lr=3e-3, steps=1000, batch=16, seq_len=256)
+    train.add_common_arguments(p, out="runs/tiny/pretrain", lr=3e-3, steps=800, batch=16, seq_len=256)
 
 
 def parse_overrides(items: list[str]) -> dict:
