@@ -307,6 +307,17 @@ def prune_checkpoints(out: str, keep: int) -> None:
             shutil.rmtree(os.path.join(root, n), ignore_errors=True)
 
 
+def clear_checkpoints(out: str) -> None:
+    """A fresh (not resumed) run drops the checkpoints of an earlier run in the same directory, so
+    that a later --resume can never continue the wrong run."""
+    old = checkpoint_dirs(out)
+    for d in old:
+        shutil.rmtree(d, ignore_errors=True)
+    if old:
+        print(f"starting fresh: removed {len(old)} checkpoint(s) of an earlier run in {out}/checkpoints "
+              f"(pass --resume to continue a run)", flush=True)
+
+
 def verify_checkpoint(path: str) -> dict:
     """nanoseek.json of a resumable checkpoint, after checking every recorded file's sha256."""
     meta_file = os.path.join(path, "nanoseek.json")

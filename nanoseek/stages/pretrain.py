@@ -116,6 +116,8 @@ def main(args) -> int:
             state["total_steps"] = args.steps      # an explicit new --steps extends (or shortens) the run
         dist.print0(f"resumed from {resumed[0]} at step {state['step']}")
     if dist.is_main:
+        if not resumed:
+            train.clear_checkpoints(args.out)
         train.prune_checkpoints(args.out, args.keep)
     log = train.MetricsLog(args.out, dist.is_main, resume_step=state["step"] if args.resume else None)
     flops = train.train_flops_per_token(cfg, args.seq_len, D)
