@@ -102,3 +102,19 @@ def test_speculative_sampling_is_seeded_and_runs(model):
     b = LLM(model, num_blocks=64, block_size=4, speculative_tokens=2).generate(prompts, sp)
     assert _tokens(a) == _tokens(b)
     assert all(len(c.token_ids) == 10 == len(c.logprobs) for o in a for c in o)
+
+
+def test_speculative_under_memory_pressure_and_abort(model):
+    """Preemption, eviction and revival with the MTP layers in the blocks: still plain greedy."""
+    prompts = _prompts([9, 14, 6, 11, 17], seed=6)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    ref = _tokens(LLM(model, num_blocks=256, block_size=4).generate(prompts, params))
+    small = LLM(model, num_blocks=14, block_size=4, speculative_tokens=1)
+    assert _tokens(small.generate(prompts, params)) == ref
+    assert _tokens(small.generate(prompts[::-1], params)) == ref[::-1]
+    s = small.stats()
+    assert s["preemptions"] > 0 and s["prefix_hits"] > 0
+    rid = small.add_request(prompts[0], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
+    small.step(), small.step()
+    assert small.abort(rid).outputs[0].finish_reason == "abort"
+    assert small.blocks.num_free == 14 and not any(small.blocks.ref)

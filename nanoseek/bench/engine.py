@@ -1,6 +1,7 @@
 """`nanoseek bench engine`: the engine against transformers' `generate`, on the same tiny weights.
 
-Figures (medians of --reps repetitions, interleaved ours/theirs so drift hits both):
+Figures (--reps rounds, interleaved ours/theirs in alternating order so load from other jobs hits
+both; tokens/s from median times, ratios as the median of per-round paired ratios):
   decode     tokens/s at batch 1 and 16: 16-token prompts, 64 new tokens forced (ignore_eos /
              min_new_tokens), greedy, prefill included, vs `AutoModelForCausalLM.generate` on the
              checkpoint the engine loaded (transformers' DeepseekV3 with its DynamicCache).
@@ -13,6 +14,9 @@ Figures (medians of --reps repetitions, interleaved ours/theirs so drift hits bo
              the bench first pretrains the tiny preset for --train-steps (8×128 tokens each) on
              synthetic, highly regular text (random-order verses, `synthetic_doc`) with the MTP loss
              (λ = 0.3), and uses those weights for every figure; the output says which it used.
+Threads default to 1: on the shared 2-core machine, 2 torch threads collapse whenever another job
+runs (spinning workers; the pretraining took 200 s instead of 37 s, decode ran 6× slower), and
+at these sizes a second thread gains little even when the machine is idle.
 """
 from __future__ import annotations
 
@@ -41,7 +45,8 @@ def add_arguments(p):
     p.add_argument("--train-steps", type=int, default=120, help="pretraining steps when no --model is given")
     p.add_argument("--prefix-tokens", type=int, default=2000, help="shared prefix length for the TTFT figure")
     p.add_argument("--spec-tokens", type=int, default=1, help="MTP drafts per step")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    p.add_argument("--save-model", default=None, help="also save the pretrained checkpoint here (reuse with --model)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default; see the docstring)")
 
 
 # ------------------------------------------------------------------ synthetic pretraining
@@ -87,16 +92,23 @@ def pretrain(steps: int, log) -> tuple:
 
 # ------------------------------------------------------------------ measurements
 def interleaved(fns: dict, reps: int) -> dict:
-    """Median seconds of each fn, run round-robin after one warm-up each."""
+    """Seconds of each fn over `reps` rounds (one warm-up each), run round-robin so that load from
+    other jobs falls on all of them; `paired` turns two of them into a ratio."""
     for f in fns.values():
         f()
     times = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, f in fns.items():
+    for r in range(reps):
+        order = list(fns) if r % 2 == 0 else list(fns)[::-1]
+        for k in order:
             t0 = time.perf_counter()
-            f()
+            fns[k]()
             times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def paired(times: dict, slow: str, fast: str) -> float:
+    """Median over rounds of slow/fast time: robust to load that changes between rounds."""
+    return statistics.median(a / b for a, b in zip(times[slow], times[fast]))
 
 
 def decode_figures(llm, hf, vocab: int, reps: int) -> dict:
@@ -115,8 +127,9 @@ def decode_figures(llm, hf, vocab: int, reps: int) -> dict:
             hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=64, min_new_tokens=64,
                         do_sample=False, pad_token_id=0)
         t = interleaved({"ours": ours, "hf": theirs}, reps)
-        out[f"decode_b{B}_tok_s"] = B * 64 / t["ours"]
-        out[f"decode_b{B}_tok_s_transformers"] = B * 64 / t["hf"]
+        out[f"decode_b{B}_tok_s"] = B * 64 / statistics.median(t["ours"])
+        out[f"decode_b{B}_tok_s_transformers"] = B * 64 / statistics.median(t["hf"])
+        out[f"decode_b{B}_paired_ratio"] = paired(t, "hf", "ours")
     return out
 
 
@@ -146,24 +159,27 @@ def ttft_figures(llm, tok, prefix_tokens: int, reps: int) -> dict:
 
 
 def mtp_figures(model, tok, spec_tokens: int, reps: int, **engine_kw) -> dict:
+    """Batch 1: each of 8 prompts in turn, plain then speculative (order alternating), reps rounds."""
     from nanoseek.engine import LLM, SamplingParams
     rng = random.Random(2)
-    prompts = [tok.encode(synthetic_doc(rng))[:24] for _ in range(4)]
+    prompts = [tok.encode(synthetic_doc(rng))[:24] for _ in range(8)]
     sp = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
-    plain = LLM(model, tok, **engine_kw)
-    spec = LLM(model, tok, speculative_tokens=spec_tokens, **engine_kw)
-    results = {}
-
-    def run(llm, name):
-        def f():
-            llm.clear_prefix_cache()
-            results[name] = [llm.generate([p], sp)[0][0].token_ids for p in prompts]   # batch 1, one by one
-        return f
-    t = interleaved({"plain": run(plain, "plain"), "spec": run(spec, "spec")}, reps)
-    c = spec.counters
+    engines = {"plain": LLM(model, tok, **engine_kw), "spec": LLM(model, tok, speculative_tokens=spec_tokens, **engine_kw)}
+    times, same = {"plain": [], "spec": []}, True
+    for r in range(reps + 1):                                   # round 0 warms up
+        for p in prompts:
+            got = {}
+            for name in (["plain", "spec"] if r % 2 else ["spec", "plain"]):
+                engines[name].clear_prefix_cache()
+                t0 = time.perf_counter()
+                got[name] = engines[name].generate([p], sp)[0][0].token_ids
+                if r:
+                    times[name].append(time.perf_counter() - t0)
+            same &= got["plain"] == got["spec"]
+    c = engines["spec"].counters
     return {"mtp_acceptance": c["spec_accepted"] / max(c["spec_proposed"], 1),
-            "spec_tok_s": len(prompts) * 64 / t["spec"], "plain_tok_s": len(prompts) * 64 / t["plain"],
-            "spec_identical": float(results["plain"] == results["spec"])}
+            "spec_tok_s": 64 / statistics.median(times["spec"]), "plain_tok_s": 64 / statistics.median(times["plain"]),
+            "spec_paired_speedup": paired(times, "plain", "spec"), "spec_identical": float(same)}
 
 
 # ------------------------------------------------------------------ main
@@ -179,6 +195,8 @@ def main(args) -> int:
         model, tok, source = load_pretrained(args.model).eval(), load_tokenizer(args.model), f"loaded {args.model}"
     else:
         model, tok, source = pretrain(args.train_steps, log)
+        if args.save_model:
+            save_pretrained(model, args.save_model, tokenizer=tok)
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     with tempfile.TemporaryDirectory() as d:
@@ -197,10 +215,10 @@ def main(args) -> int:
     log("MTP speculative decoding ...")
     figures.update(mtp_figures(model, tok, args.spec_tokens, args.reps, **engine_kw))
     ratios = {
-        "decode_batch1_vs_transformers": figures["decode_b1_tok_s"] / figures["decode_b1_tok_s_transformers"],
-        "decode_batch16_vs_transformers": figures["decode_b16_tok_s"] / figures["decode_b16_tok_s_transformers"],
+        "decode_batch1_vs_transformers": figures.pop("decode_b1_paired_ratio"),
+        "decode_batch16_vs_transformers": figures.pop("decode_b16_paired_ratio"),
         "prefix_hit_vs_miss_ttft": figures["ttft_miss_ms"] / figures["ttft_hit_ms"],
-        "spec_mtp_speedup_batch1": figures["spec_tok_s"] / figures["plain_tok_s"],
+        "spec_mtp_speedup_batch1": figures.pop("spec_paired_speedup"),
         "kv_bytes_mha_vs_mla": mha / figures["kv_bytes_per_token_mla"],
     }
     config = {"model": source, "preset": "tiny" if not args.model else cfg.model_type, "reps": args.reps,

