@@ -96,7 +96,10 @@ def init(device: str | None = None) -> Dist:
 
 
 def shutdown(dist: Dist) -> None:
+    """Leave the group after every rank has finished its last collective (a barrier first: gloo
+    work still in flight when the group is destroyed can deadlock the teardown)."""
     if dist.enabled and tdist.is_initialized():
+        tdist.barrier()
         tdist.destroy_process_group()
 
 

@@ -42,13 +42,16 @@ kv_a 1.6×, q_b 2.67×, kv_b 2.0×; experts, MLPs, o_proj and eh_proj are aligne
 weights of tiny. Here the quantizers pad with zeros (elementwise, cheap) and the chunked GEMM
 skips the padding, so the numerics equal zero padding and the FLOPs stay unpadded.
 
-Measured (2 cores shared, torch 2.13 CPU; `nanoseek bench fp8`): FP8 does not pay on this CPU.
-`_scaled_mm` fp8 → fp32 runs at 0.3–0.5× an fp32 matmul of the same shape, and per-chunk calls,
-quantization and scale expansion add elementwise work on top, so an FP8 training step is 2–4×
-slower than fp32 (the bench reports tokens/s for all three precisions). The point of the CPU path
-is numerics: held-out loss error vs fp32 within the bf16 noise floor (bench keys
-`fp8_rel_loss_err`, `bf16_rel_loss_err`). On a GPU with sm90 block-scaled kernels the same
-`convert` would swap in `torch._scaled_mm` with BlockWise scales; not wired here (no GPU).
+Measured (2 cores, shared with other jobs, torch 2.13 CPU). FP8 does not pay on this CPU:
+`_scaled_mm` fp8 → fp32 ran at 0.3–0.5× an fp32 matmul of the tiny shapes (M = 4096 tokens,
+128-wide K chunks; cpu_facts §4: ~0.7× at 1024³), and quantization, scale expansion and the
+per-chunk calls add elementwise work, so an FP8 training step runs at 0.35× fp32 tokens/s
+(`nanoseek bench fp8`, measured twice: 397 vs 1,145 tok/s at 1 thread, 1,428 vs 3,981 at 2).
+The CPU path is about numerics: after 300 tiny steps the held-out loss of FP8 is 1.28 % from
+fp32 while bf16 autocast is 2.0 % from it (train loss, last 10 % of steps: 0.85 % vs 1.09 %) —
+at this scale the run-to-run divergence of any precision change is ~1–2 %, far above V3's 0.25 %,
+and FP8 sits inside that floor (see bench/fp8.py). On a GPU with sm90 block-scaled kernels the
+same `convert` would swap in `torch._scaled_mm` with BlockWise scales; not wired here (no GPU).
 """
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ MaxVio = max_i load_i / mean load − 1 (the Loss-Free Balancing paper's measure
 γ = 0 or α = 0 switches either off.
 
 Checkpoints: an HF directory (checkpoint.save_pretrained, atomic) + nanoseek.json (stage, step,
-total steps, data position, per-rank RNG states, metrics, args, sha256 of every file) +
+total steps, data position, RNG state, metrics, args, sha256 of every file) +
 optimizer.pt (FQN-keyed, via torch.distributed.checkpoint.state_dict, so DDP, FSDP2 and single
 process read each other's). Saved as <out>/checkpoints/step_NNNNNN: each save is a fresh
 directory renamed into place in one step, so a kill during a write leaves only a `.tmp-*`
@@ -283,7 +283,11 @@ def plain_model(model, msd):
 def save_checkpoint(path: str, model, optimizer, tokenizer, state: dict, dist) -> None:
     """Write a resumable HF checkpoint directory at `path` atomically (every rank must call)."""
     msd, osd = _full_state(model, optimizer, dist)
-    rngs = dist.all_gather_object(rng_state())
+    # RNG: rank 0's state stands for all. Training draws no random numbers after the seeded init
+    # (data order is a function of position and seed) and every rank seeds alike; an
+    # all_gather_object here made gloo's teardown deadlock now and then (a pickled-tensor work
+    # finishing in gloo's run loop while the main thread, holding the GIL, destroys the group).
+    rngs = [rng_state()]
     if dist.is_main:
         def write_extra(tmp: str) -> None:
             torch.save(osd, os.path.join(tmp, "optimizer.pt"))
@@ -361,7 +365,7 @@ def load_checkpoint(path: str, model, optimizer, dist) -> dict:
     set_optimizer_state_dict(model, optimizer, osd, options=opts)
     rngs = meta.get("rng") or []
     if rngs:
-        set_rng_state(rngs[dist.rank] if len(rngs) == dist.world else rngs[0])
+        set_rng_state(rngs[0])
     return meta
 
 

@@ -14,6 +14,14 @@ V3's curves compare training loss), `fp8_target` = max(0.25 %, bf16 error) — t
 and tokens/s of each run. Ratios (> 1 better): `fp8_tokens_per_s_vs_fp32` (FP8 on this CPU is
 slower, cpu_facts §4), `fp8_target_over_err` (> 1: FP8 within the target).
 
+Measured (2 threads, machine shared; defaults: tiny preset, 300 steps of 8 × 64 tokens, ~3 min):
+held-out fp32 0.8872, bf16 0.8694, fp8 0.8759 → fp8_rel_loss_err 1.28 %, bf16_rel_loss_err 2.00 %
+(target = the bf16 floor, met: fp8_target_over_err 1.57); tokens/s fp32 3,981, bf16 5,808,
+fp8 1,428 (0.36×). A 1-thread run under heavier load gave 1.22 % vs 1.15 % (just outside the
+floor, 0.94) — at this scale the comparison is noise-bound: any precision change moves a 300-step
+tiny run by 1–2 %, so V3's 0.25 % cannot be resolved here; the FP8 training loss over the last
+10 % of steps was within 0.06–0.85 % of fp32 in both runs.
+
 Data: a corpus written on the fly (`nanoseek corpus` tiny preset, --docs documents) and a BPE
 trained on it, or --data/--tokenizer. Default model: the tiny preset at --seq-len 64 × --batch 8.
 """

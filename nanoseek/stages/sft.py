@@ -14,6 +14,12 @@ V3's SFT (§5.1): 2 epochs, cosine LR 5e-6 → 1e-6 on a 671B model. The tiny mo
 LR (default 3e-4, cosine to 10 %); epochs set the step count unless --steps is given. The MTP
 modules keep training (λ, default 0.3) when the checkpoint has them; balancing continues (γ, α).
 
+Measured (tiny corpus, 4,000 conversations of ~210 tokens, from the default tiny pretraining,
+`nanoseek sft --init OUT/pretrain --data CORPUS --out OUT/sft`, 2 threads, machine shared):
+2 epochs = 500 steps of 16 conversations in 9.2 min wall; 3,174 real tok/s (padding to the
+longest row of a micro-batch costs ~40 % of the positions); held-out assistant-token loss
+1.222 → 0.480; MaxVio 0.10 at the end. `--epochs 1` halves it for a time-boxed speedrun.
+
 Writes under --out: checkpoints/, model/ (final HF model + tokenizer), metrics.jsonl,
 summary.json and the plots, as pretrain does.
 """
