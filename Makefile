@@ -9,17 +9,20 @@ STAMP   := $(VENV)/.installed
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# constraints.txt pins every package to the versions the tests were run with (see the README's
+# "Updating the pins"); the CPU torch wheel goes first, since a bare `torch` would pull a CUDA build.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	# the CPU wheel first: a bare `torch` requirement would pull a multi-GB CUDA build
-	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt torch==2.13.0
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 speedrun: $(STAMP)
 	$(BIN)/nanoseek speedrun
 
+# the layer contracts (import-linter, pyproject.toml), then the whole suite
 test: $(STAMP)
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 clean:

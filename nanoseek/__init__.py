@@ -2,7 +2,7 @@
 
 Top level: `load_pretrained(path, dtype=None)` and `save_pretrained(model, path, tokenizer=None)`
 read and write Hugging Face model directories (checkpoint.py); `ModelConfig` and the presets live
-in config.py, the model in model.py. Names load lazily, so importing a torch-free part of the
+in config.py, the model in model/. Names load lazily, so importing a torch-free part of the
 package (tasks, rewards, the corpus writer, math-verify worker processes) does not import torch.
 """
 from __future__ import annotations

@@ -32,14 +32,7 @@ def build_parser(available: dict[str, tuple[str, str]] | None = None) -> argpars
     for name, (module_name, help_text) in (available or COMMANDS).items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module_name)
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:  # a stage not built yet: listed, but says so when run
-            if e.name and e.name.startswith("nanoseek"):
-                p.set_defaults(_missing=str(e))
-                continue
-            raise
-        module.add_arguments(p)
+        importlib.import_module(module_name).add_arguments(p)
     return parser
 
 
@@ -49,9 +42,6 @@ def main(argv: list[str] | None = None) -> int:
     chosen = next((a for a in argv if not a.startswith("-")), None)
     available = {chosen: COMMANDS[chosen]} if chosen in COMMANDS else COMMANDS
     args = build_parser(available).parse_args(argv)
-    if getattr(args, "_missing", None):
-        print(f"nanoseek {args.command}: not available in this build ({args._missing})", file=sys.stderr)
-        return 2
     rc = importlib.import_module(args._module).main(args)
     return int(rc or 0)
 

@@ -212,6 +212,10 @@ class ModelConfig:
         return cls.from_hf_dict(d)
 
     def replace(self, **kw) -> "ModelConfig":
+        unknown = sorted(set(kw) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ValueError(f"unknown ModelConfig field(s) {', '.join(unknown)}; fields are "
+                             f"{', '.join(f.name for f in dataclasses.fields(self))}")
         return dataclasses.replace(self, **kw).validate()
 
 
@@ -264,3 +268,42 @@ def preset(name: str, **overrides) -> ModelConfig:
         raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
     cfg = PRESETS[name]()
     return cfg.replace(**overrides) if overrides else cfg
+
+
+def parse_value(text: str) -> Any:
+    """A `--set` value: int, float, true/false/null (any case), a JSON list or object, else the string.
+
+    >>> [parse_value(v) for v in ["128", "-1", "1e-3", "true", "False", "null", "[1, 2]", '{"a": 1}']]
+    [128, -1, 0.001, True, False, None, [1, 2], {'a': 1}]
+    >>> [parse_value(v) for v in ["float32", "nope", "-x", "", "tiny"]]
+    ['float32', 'nope', '-x', '', 'tiny']
+    """
+    lowered = text.strip().lower()
+    if lowered in ("true", "false", "null", "none"):
+        return {"true": True, "false": False}.get(lowered)
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    if text.strip().startswith(("[", "{")):
+        try:
+            return json.loads(text)
+        except ValueError as e:
+            raise ValueError(f"not valid JSON: {text!r} ({e})") from e
+    return text
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """["key=value", …] -> {key: parse_value(value)}; a clear error for a missing '=' or key.
+
+    >>> parse_overrides(["hidden_size=128", "dtype=float32", "rope_scaling=null", "x="])
+    {'hidden_size': 128, 'dtype': 'float32', 'rope_scaling': None, 'x': ''}
+    """
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"override {item!r} is not KEY=VALUE")
+        out[key.strip()] = parse_value(value)
+    return out

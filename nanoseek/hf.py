@@ -68,12 +68,15 @@ def to_hf(state: dict[str, torch.Tensor], cfg) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def from_hf(tensors: dict[str, torch.Tensor], cfg) -> tuple[dict[str, torch.Tensor], list[str]]:
+def from_hf(tensors: dict[str, torch.Tensor], cfg,
+            where: dict[str, str] | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Checkpoint tensors -> (nanoseek state dict, problems). MTP copies of embed/head are checked
-    against the main ones and dropped; per-expert weights are stacked."""
+    against the main ones and dropped; per-expert weights are stacked. Problems name tensors as the
+    checkpoint does, with their file when `where` (name -> file) is given."""
     N = cfg.num_hidden_layers
     out: dict[str, torch.Tensor] = {}
     experts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    hf_base: dict[str, str] = {}  # stacked key prefix -> its checkpoint spelling, for messages
     copies: list[tuple[str, str]] = []
     problems: list[str] = []
     for name, t in tensors.items():
@@ -99,18 +102,26 @@ def from_hf(tensors: dict[str, torch.Tensor], cfg) -> tuple[dict[str, torch.Tens
         if m:
             base, e, kind = m.groups()
             experts.setdefault(base, {}).setdefault(int(e), {})[kind] = t
+            hf_base[base] = _HF_EXPERT.match(name).group(1)
             continue
         out[key] = t
     for base, per in experts.items():
-        try:
-            n = max(per) + 1
-            out[f"{base}.gate_up_proj"] = torch.stack([torch.cat([per[e]["gate_proj"], per[e]["up_proj"]]) for e in range(n)])
-            out[f"{base}.down_proj"] = torch.stack([per[e]["down_proj"] for e in range(n)])
-        except KeyError as e:
-            problems.append(f"missing expert tensors under {base} ({e})")
+        n = max(per) + 1
+        lost = [f"{hf_base[base]}.{e}.{kind}.weight" for e in range(n)
+                for kind in ("gate_proj", "up_proj", "down_proj") if kind not in per.get(e, {})]
+        if lost:
+            problems.append("missing expert tensors: " + ", ".join(lost[:12]) + (" …" if len(lost) > 12 else ""))
+            continue
+        out[f"{base}.gate_up_proj"] = torch.stack([torch.cat([per[e]["gate_proj"], per[e]["up_proj"]]) for e in range(n)])
+        out[f"{base}.down_proj"] = torch.stack([per[e]["down_proj"] for e in range(n)])
     if "lm_head.weight" not in out and cfg.tie_word_embeddings and "embed_tokens.weight" in out:
         out["lm_head.weight"] = out["embed_tokens.weight"]
+
+    def at(name: str) -> str:
+        return f"{name} ({where[name]})" if where and name in where else name
     for name, main in copies:
         if main in out and (out[main].shape != tensors[name].shape or not torch.equal(out[main], tensors[name].to(out[main].dtype))):
-            problems.append(f"{name} differs from {main}: MTP modules must share the main model's embedding and head")
+            hf_main = main if main == "lm_head.weight" else "model." + main
+            problems.append(f"{at(name)} differs from {at(hf_main)}: MTP modules must share the main model's "
+                            f"embedding and head")
     return out, problems

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
+import re
 
 import pytest
 import torch
@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from nanoseek import load_pretrained, save_pretrained
 from nanoseek.config import ModelConfig, qwen2_tiny, tiny
-from nanoseek.fp8 import dequantize_blocks, quantize_blocks
+from nanoseek.precision.fp8 import dequantize_blocks, quantize_blocks
 from nanoseek.model import Transformer
 from tests.helpers import randomize_
 
@@ -97,12 +97,19 @@ def test_tied_head_absent_is_expected(tmp_path):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda t: t.pop("model.layers.0.self_attn.kv_b_proj.weight"), "missing tensor.*kv_b_proj"),
-    (lambda t: t.__setitem__("model.layers.0.self_attn.extra.weight", torch.zeros(2)), "unexpected tensor.*extra"),
-    (lambda t: t.__setitem__("model.norm.weight", torch.zeros(3)), "mis-shaped.*norm.weight"),
-    (lambda t: t.pop("lm_head.weight"), "missing tensor.*lm_head"),
-    (lambda t: t.__setitem__("model.layers.2.embed_tokens.weight", torch.zeros(200, 64)), "differs from embed"),
-    (lambda t: t.pop("model.layers.1.mlp.experts.3.up_proj.weight"), "missing expert tensors"),
+    (lambda t: t.pop("model.layers.0.self_attn.kv_b_proj.weight"),
+     r"missing tensor\(s\): model\.layers\.0\.self_attn\.kv_b_proj\.weight \(model\.safetensors\)"),
+    (lambda t: t.__setitem__("model.layers.0.self_attn.extra.weight", torch.zeros(2)),
+     r"unexpected tensor\(s\): model\.layers\.0\.self_attn\.extra\.weight \(model\.safetensors\)"),
+    (lambda t: t.__setitem__("model.norm.weight", torch.zeros(3)),
+     r"mis-shaped tensor\(s\): model\.norm\.weight \(model\.safetensors\): checkpoint \(3,\) vs model \(64,\)"),
+    (lambda t: t.pop("lm_head.weight"), r"missing tensor\(s\): lm_head\.weight \(model\.safetensors\)"),
+    (lambda t: t.__setitem__("model.layers.2.embed_tokens.weight", torch.zeros(200, 64)),
+     r"model\.layers\.2\.embed_tokens\.weight \(model\.safetensors\) differs from model\.embed_tokens\.weight"),
+    (lambda t: t.pop("model.layers.1.mlp.experts.3.up_proj.weight"),
+     r"missing tensor\(s\): model\.layers\.1\.mlp\.experts\.3\.up_proj\.weight \(model\.safetensors\)"),
+    (lambda t: t.__setitem__("model.layers.1.mlp.experts.3.up_proj.weight", torch.zeros(5, 64)),
+     r"mis-shaped tensor\(s\): model\.layers\.1\.mlp\.experts\.3\.up_proj\.weight \(model\.safetensors\)"),
 ])
 def test_bad_tensors_refused_with_names(tmp_path, edit, message):
     _, path = _saved(tmp_path)
@@ -111,6 +118,49 @@ def test_bad_tensors_refused_with_names(tmp_path, edit, message):
     edit(tensors)
     save_file(tensors, f)
     with pytest.raises(ValueError, match=message):
+        load_pretrained(path)
+
+
+def _shard_of(path: str, name: str) -> str:
+    with open(os.path.join(path, "model.safetensors.index.json")) as f:
+        return json.load(f)["weight_map"][name]
+
+
+KV = "model.layers.1.self_attn.kv_b_proj.weight"
+
+
+@pytest.mark.parametrize("case", ["missing", "unexpected", "mis-shaped"])
+@pytest.mark.parametrize("sharded", [False, True], ids=["single", "sharded"])
+def test_refusals_name_the_checkpoint_key_and_its_file(tmp_path, case, sharded):
+    # the key as the checkpoint spells it (not nanoseek's `layers.1...`) and the file holding it
+    _, path = _saved(tmp_path, **({"max_shard_bytes": 100_000} if sharded else {}))
+    fname = _shard_of(path, KV) if sharded else "model.safetensors"
+    assert not sharded or fname.startswith("model-0000")
+    f = os.path.join(path, fname)
+    tensors = load_file(f)
+    name = KV if case != "unexpected" else "model.layers.1.self_attn.extra.weight"
+    if case == "missing":
+        tensors.pop(KV)                                 # the index (if any) still lists it
+    else:
+        tensors[name] = torch.zeros(3, 5)
+    save_file(tensors, f)
+    with pytest.raises(ValueError) as e:
+        load_pretrained(path)
+    msg = str(e.value)
+    assert f"{case} tensor(s): {name} ({fname})" in msg, msg
+    assert not re.search(r"(?<!model\.)layers\.1\.self_attn", msg), msg   # no internal names
+
+
+def test_missing_tensor_the_index_does_not_list_names_the_index(tmp_path):
+    _, path = _saved(tmp_path, max_shard_bytes=100_000)
+    index = os.path.join(path, "model.safetensors.index.json")
+    with open(index) as fh:
+        meta = json.load(fh)
+    f = os.path.join(path, meta["weight_map"].pop(KV))
+    with open(index, "w") as fh:
+        json.dump(meta, fh)
+    save_file({k: v for k, v in load_file(f).items() if k != KV}, f)
+    with pytest.raises(ValueError, match=re.escape(f"missing tensor(s): {KV} (not in model.safetensors.index.json)")):
         load_pretrained(path)
 
 

@@ -1,7 +1,7 @@
-"""The `nanoseek` command and the package's dependency direction."""
+"""The `nanoseek` command. (The package's dependency direction is checked by import-linter, whose
+contracts are in pyproject.toml and which `make test` runs before pytest.)"""
 from __future__ import annotations
 
-import ast
 import json
 import pathlib
 import subprocess
@@ -30,9 +30,13 @@ def test_params_from_config_json(tmp_path, capsys):
 
 
 def test_console_entry_point_runs():
+    """`python -m nanoseek` is the CLI: the table it prints holds the counts of the tiny preset."""
+    from nanoseek.config import tiny
+    from nanoseek.model.params import param_counts
     out = subprocess.run([sys.executable, "-m", "nanoseek", "params", "--preset", "tiny"], capture_output=True,
                          text=True, cwd=ROOT, check=True).stdout
-    assert "activated" in out
+    counts = param_counts(tiny())
+    assert f"{counts['total']:,}" in out and f"{counts['activated']:,}" in out
 
 
 def test_speedrun_demo_end_to_end(tmp_path, monkeypatch):
@@ -43,40 +47,10 @@ def test_speedrun_demo_end_to_end(tmp_path, monkeypatch):
     assert len(model.mtp) == 1 and (tmp_path / "runs" / "t" / "model" / "tokenizer.json").exists()
 
 
-MODEL_FILES = ["config.py", "rope.py", "layers.py", "cache.py", "mla.py", "attention.py", "moe.py", "mtp.py",
-               "model.py"]
-
-
-def _imports(path: pathlib.Path) -> set[str]:
-    tree = ast.parse(path.read_text())
-    names = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            names.add(node.module)
-    return names
-
-
-@pytest.mark.parametrize("name", MODEL_FILES)
-def test_model_files_import_only_torch(name):
-    allowed_top = {"torch", "__future__", "dataclasses", "math", "json", "os", "typing", "nanoseek"}
-    for mod in _imports(ROOT / "nanoseek" / name):
-        assert mod.split(".")[0] in allowed_top, f"{name} imports {mod}"
-        if mod.startswith("nanoseek"):
-            assert mod.split(".")[1] + ".py" in MODEL_FILES, f"{name} imports {mod}: model files import model files"
-
-
-def test_nothing_imports_the_cli_or_transformers():
-    for path in (ROOT / "nanoseek").rglob("*.py"):
-        rel = path.relative_to(ROOT / "nanoseek").as_posix()
-        mods = _imports(path)
-        if rel != "cli.py" and rel != "__main__.py":
-            assert "nanoseek.cli" not in mods, f"{rel} imports the CLI"
-        if not rel.startswith(("bench/", "server/")) and rel not in ("hf.py",):
-            assert not any(m.split(".")[0] == "transformers" for m in mods), f"{rel} imports transformers"
-
-
-def test_every_registered_command_has_help():
+def test_every_registered_command_parses_its_help(capsys):
+    """Each entry of the registry names a module with add_arguments/main, and `--help` shows its usage."""
     for name in COMMANDS:
-        assert COMMANDS[name][1]
+        with pytest.raises(SystemExit) as e:
+            main([name, "--help"])
+        assert e.value.code == 0
+        assert f"usage: nanoseek {name}" in capsys.readouterr().out

@@ -1,4 +1,5 @@
-"""Shared benchmark helpers: medians of timed repetitions, the matmul peak, the JSON report."""
+"""Shared benchmark helpers: medians of timed repetitions and the JSON report (the matmul peak and
+the FLOPs formula live in nanoseek/train/flops.py, shared with training's MFU)."""
 from __future__ import annotations
 
 import json
@@ -6,7 +7,6 @@ import statistics
 import time
 from typing import Callable
 
-import torch
 
 
 def median_seconds(fn: Callable[[], object], reps: int = 5, warmup: int = 2) -> float:
@@ -19,13 +19,6 @@ def median_seconds(fn: Callable[[], object], reps: int = 5, warmup: int = 2) -> 
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def matmul_peak_gflops(dtype: torch.dtype, n: int = 1024, reps: int = 5) -> float:
-    """Measured n³ matmul throughput in GFLOP/s at `dtype` (the MFU denominator)."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    sec = median_seconds(lambda: a @ b, reps=reps, warmup=2)
-    return 2 * n ** 3 / sec / 1e9
 
 
 def report(name: str, config: dict, figures: dict, ratios: dict, as_json: bool) -> None:

@@ -21,7 +21,6 @@ at these sizes a second thread gains little even when the machine is idle.
 from __future__ import annotations
 
 import math
-import os
 import random
 import statistics
 import sys
@@ -60,7 +59,7 @@ def pretrain(steps: int, log) -> tuple:
     """Tiny preset (MTP depth 1) trained on synthetic_doc text with CE + 0.3 · MTP loss."""
     from nanoseek.config import tiny
     from nanoseek.model import Transformer
-    from nanoseek.mtp import mtp_loss
+    from nanoseek.model.mtp import mtp_loss
     from nanoseek.tokenizer import train_tokenizer
     rng = random.Random(0)
     tok = train_tokenizer([synthetic_doc(rng) for _ in range(3000)], vocab_size=1024)
@@ -187,7 +186,7 @@ def main(args) -> int:
     import transformers
     from nanoseek import load_pretrained, save_pretrained
     from nanoseek.engine import LLM
-    from nanoseek.engine.llm import load_tokenizer
+    from nanoseek.engine.loading import load_tokenizer
     if args.threads:
         torch.set_num_threads(args.threads)
     log = (lambda s: print(s, file=sys.stderr)) if args.json else print

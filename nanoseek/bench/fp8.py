@@ -1,6 +1,6 @@
 """`nanoseek bench fp8`: the same tiny training run in fp32, bf16 and FP8; how far FP8 lands from fp32.
 
-Three runs with the same seed, initial weights, data order and hyper-parameters (train.train_step,
+Three runs with the same seed, initial weights, data order and hyper-parameters (train/step.py,
 so MTP, the balance loss and the bias update are on, as in pretraining):
   fp32  the reference
   bf16  torch.autocast(bfloat16) with fp32 master weights — its distance from fp32 is the noise
@@ -27,21 +27,22 @@ trained on it, or --data/--tokenizer. Default model: the tiny preset at --seq-le
 """
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 import time
 
 import torch
 
-from nanoseek import fp8, train
 from nanoseek.bench.common import report
-from nanoseek.config import preset
-from nanoseek.data import PackedDataset, cached_tokens, corpus_files, eval_batches, step_batches
-from nanoseek.distributed import Dist
+from nanoseek.config import parse_overrides, preset
+from nanoseek.data.packing import PackedDataset, cached_tokens, corpus_files, eval_batches, step_batches
 from nanoseek.model import Transformer
-from nanoseek.optim import build_optimizer, lr_at, set_lr
+from nanoseek.precision import fp8
 from nanoseek.tokenizer import Tokenizer, train_tokenizer
+from nanoseek.train.config import TrainConfig
+from nanoseek.train.distributed import Dist
+from nanoseek.train.optim import build_optimizer, lr_at, set_lr
+from nanoseek.train.step import evaluate, train_step
 
 
 def add_arguments(p) -> None:
@@ -66,14 +67,14 @@ def make_data(args, workdir: str):
     """(tokenizer, train rows, held-out rows): the given corpus, or a small one written here."""
     data = args.data
     if data is None:
-        from nanoseek.stages.corpus import build, scaled, tiny
+        from nanoseek.data.corpus import build, scaled, tiny
         p = tiny()
         data = os.path.join(workdir, "corpus")
         build(scaled(p, args.docs / p.docs), data, seed=args.seed)
     if args.tokenizer:
         tok = Tokenizer.load(args.tokenizer)
     else:
-        from nanoseek.data import read_jsonl
+        from nanoseek.data.packing import read_jsonl
         tok = train_tokenizer(read_jsonl(corpus_files(data, "pretrain", "train"), "text"), 512)
     train_rows = PackedDataset(cached_tokens(tok, corpus_files(data, "pretrain", "train"), None), args.seq_len, args.seed)
     heldout = PackedDataset(cached_tokens(tok, corpus_files(data, "pretrain", "heldout"), None), args.seq_len, shuffle=False)
@@ -87,18 +88,18 @@ def run(precision: str, cfg, data, heldout, args) -> dict:
     if precision == "fp8":
         fp8.convert(model, args.fp8_backend)
     opt = build_optimizer(model, args.lr)
-    hp = argparse.Namespace(mtp_weight=0.3, alpha=1e-4, gamma=1e-3, grad_clip=1.0, precision=precision)
+    hp = TrainConfig(mtp_weight=0.3, alpha=1e-4, gamma=1e-3, grad_clip=1.0, precision=precision)
     dist, losses, seconds, tokens = Dist(), [], 0.0, 0
     for step in range(args.steps):
         set_lr(opt, lr_at(step, "cosine", args.lr, 20, args.steps, args.lr / 10))
         batches = step_batches(data, step * args.batch, args.batch, args.batch)
         t0 = time.perf_counter()
-        rec = train.train_step(model, batches, opt, hp, dist, cfg.num_nextn_predict_layers)
+        rec = train_step(model, batches, opt, hp, dist, cfg.num_nextn_predict_layers)
         seconds += time.perf_counter() - t0
         losses.append(rec["main_loss"])
         tokens += rec["tokens"]
     tail = losses[-max(1, args.steps // 10):]
-    return {"heldout": train.evaluate(model, eval_batches(heldout, args.eval_rows, 16), dist, precision),
+    return {"heldout": evaluate(model, eval_batches(heldout, args.eval_rows, 16), dist, precision),
             "train": sum(tail) / len(tail),
             "tokens_per_s": tokens / seconds}
 
@@ -106,7 +107,6 @@ def run(precision: str, cfg, data, heldout, args) -> dict:
 def main(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    from nanoseek.stages.pretrain import parse_overrides
     with tempfile.TemporaryDirectory() as work:
         tok, data, heldout = make_data(args, work)
     cfg = preset(args.preset, vocab_size=tok.vocab_size, **parse_overrides(args.set))

@@ -18,13 +18,9 @@ Each round times every item once, in turn, so the load other processes put on th
 falls on both sides alike; `--warmup` untimed rounds first, figures are medians over `--reps`
 rounds. `other_cpu_load` = median cores' worth of CPU other processes used while we timed.
 
-MFU = FLOPs per token × tokens/s ÷ the measured peak of the step's precision, FLOPs per token:
-  training  6·N + 3·L·H·(d_qk + d_v)·(T + 1)        prefill  2·N + L·H·(d_qk + d_v)·(T + 1)
-N = activated parameters minus the input embedding (the head is a GEMM and counts; norms and the
-router bias are in N too, a rounding error), L layers, H heads, T tokens per row. Attention counts
-causal work only: query i meets i + 1 keys, 2·H·d_qk FLOPs for q·k and 2·H·d_v for p·v per key,
-so H·(d_qk + d_v)·(T + 1) per token forward on average, ×3 with backward (PaLM's 12·L·H·Q·T also
-counts the masked half; this is the smaller count). `mfu_best` is nanoseek's faster precision
+MFU = FLOPs per token × tokens/s ÷ the measured peak of the step's precision, with FLOPs per token
+from nanoseek/train/flops.py (the formula training's summary uses too: 6·N + 3·L·H·(d_qk + d_v)·(T + 1)
+training, 2·N + L·H·(d_qk + d_v)·(T + 1) prefill). `mfu_best` is nanoseek's faster precision
 against that precision's peak.
 
 The process, the same for both sides:
@@ -86,9 +82,11 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek.bench.common import report
+from nanoseek.train.flops import flops_per_token
 from nanoseek.checkpoint import save_pretrained
 from nanoseek.config import preset
-from nanoseek.model import Transformer, param_counts
+from nanoseek.model import Transformer
+from nanoseek.model.params import param_counts
 
 
 def add_arguments(p) -> None:
@@ -106,14 +104,6 @@ def add_arguments(p) -> None:
     p.add_argument("--only", default=None, help="comma-separated subset of the timed items (debugging)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the batch")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-
-
-# ------------------------------------------------------------------ FLOPs
-def flops_per_token(cfg, seq_len: int, training: bool) -> float:
-    """(6 or 2)·N + (3 or 1)·L·H·(d_qk + d_v)·(T + 1): see the module docstring."""
-    n = param_counts(cfg)["activated"] - cfg.vocab_size * cfg.hidden_size
-    attn = cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * (seq_len + 1)
-    return (6 * n + 3 * attn) if training else (2 * n + attn)
 
 
 # ------------------------------------------------------------------ the two models and what is timed

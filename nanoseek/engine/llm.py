@@ -3,22 +3,38 @@
     llm = LLM("runs/x/r1")                       # or LLM(model, tokenizer) for a live policy
     llm.generate(["2+3=", ...], SamplingParams(temperature=0.6, n=8))   # -> per prompt n Completions
     rid = llm.add_request(prompt, params); outs = llm.step(); llm.abort(rid)   # streaming
+    llm.take_finished(rid)                       # a final output another caller's steps produced
     llm.update_weights(policy.state_dict())      # RL: new weights in place, prefix cache cleared
 
 Split the vLLM / nano-vllm way, one concept per file:
   sequence.py      SamplingParams, Request / Sequence state, stop rules, incremental detokenizing
-  kv_cache.py      slot pools in blocks, memory budget, packed AttentionBatch from block tables
+  kv_memory.py     slot pools in blocks, memory budget, packed AttentionBatch from block tables
   prefix_cache.py  block manager: ref counts, chained block hashes, LRU eviction, revival
   scheduler.py     continuous batching, chunked prefill, token budget, preemption
   runner.py        packs a step into one [1, N] forward pass; logits only where sampled
   sampler.py       temperature / top-k / top-p, per-request generators, logprobs
   speculative.py   MTP drafting and exact acceptance
+  loading.py       a model directory's tokenizer and sampling defaults
   llm.py           this file: step() = schedule -> run -> sample/accept -> MTP -> fork -> bookkeeping
+
+One engine, several callers (the API server streams, RL calls generate()). `step()` returns the
+output of every request that made progress, whoever added it (vLLM's shape): whoever drives it
+routes them by request id (the server's loop, one queue per request). `generate()` drives the
+steps itself and keeps only its own requests' outputs; a request of someone else that finishes
+meanwhile is parked with its final output in `self.finished` and handed over once, by the next
+`step()` or by `take_finished(id)`: nothing is dropped, nothing is delivered twice. An output is
+a cumulative snapshot (all tokens so far), so the intermediate ones a streaming caller misses
+while generate() runs lose nothing. One thread drives the engine at a time.
 
 n > 1. A request's n samples share one prefill: sequence 0 computes the prompt; when its last
 prompt token's logits exist, every sample draws its first token from them with its own generator
-and samples 1..n-1 are forked: they share the prompt's full blocks (reference counts) and get a
-copy of the partial last block (copy-on-write), as nanochat and vLLM's fork do.
+and samples 1..n-1 are forked: they share the prompt's full blocks (reference counts) and get
+their own copy of the partial last block, made at once (not copy-on-write: each writes its next
+token there at the next step anyway). The running set never exceeds `max_num_seqs`: forks that
+find no seat (or no free block) wait at the head of the queue with no blocks, like a preempted
+sequence, and are recomputed when admitted, the prompt's full blocks coming back from the prefix
+cache (vLLM v1 runs n > 1 this way, as n requests sharing a prefix). Admitting the parent only
+once all n fit was the alternative; it could never admit n > max_num_seqs and leaves seats idle.
 
 Weights. `update_weights(state)` copies tensors into the model in place (nanoseek or transformers
 key names) and clears the prefix cache, whose KV the old weights computed. Sequences still running
@@ -40,44 +56,17 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from typing import Iterable
 
 import torch
 
 from nanoseek.engine import sampler
-from nanoseek.engine.kv_cache import KVCache
+from nanoseek.engine.kv_memory import KVMemory
+from nanoseek.engine.loading import load_tokenizer
 from nanoseek.engine.prefix_cache import BlockManager
 from nanoseek.engine.runner import ModelRunner
 from nanoseek.engine.scheduler import Scheduled, Scheduler
 from nanoseek.engine.sequence import Completion, Request, RequestOutput, SamplingParams, Sequence, Status
 from nanoseek.engine.speculative import MTPDrafter, accept_greedy, accept_sampled
-
-
-def load_tokenizer(path: str):
-    """The directory's tokenizer.json: nanoseek's Tokenizer (R1 specials, chat template) when it has
-    DeepSeek's BOS/EOS, else a plain `tokenizers` wrapper (encode/decode only); None without one."""
-    from nanoseek.tokenizer import Tokenizer
-    if not os.path.exists(os.path.join(path, "tokenizer.json")):
-        return None
-    try:
-        return Tokenizer.load(path)
-    except ValueError:
-        return PlainTokenizer(os.path.join(path, "tokenizer.json"))
-
-
-class PlainTokenizer:
-    """Any tokenizer.json without DeepSeek's special tokens (no chat template)."""
-
-    def __init__(self, file: str):
-        import tokenizers
-        self.backend = tokenizers.Tokenizer.from_file(file)
-        self.bos_id = self.eos_id = None
-
-    def encode(self, text: str) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids, skip_special_tokens: bool = False) -> str:
-        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
 
 class LLM:
@@ -100,9 +89,9 @@ class LLM:
         param = next(model.parameters())
         hidden = cfg.hidden_size if spec else 0
         if num_blocks is None:
-            num_blocks = KVCache.blocks_for_budget(kv_cache_memory, layers, cfg.cache_width(), block_size,
+            num_blocks = KVMemory.blocks_for_budget(kv_cache_memory, layers, cfg.cache_width(), block_size,
                                                    param.dtype, hidden)
-        self.cache = KVCache(layers, cfg.cache_width(), num_blocks, block_size, param.dtype, param.device, hidden)
+        self.cache = KVMemory(layers, cfg.cache_width(), num_blocks, block_size, param.dtype, param.device, hidden)
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens, lookahead=speculative_tokens)
         self.runner = ModelRunner(model, self.cache)
@@ -112,7 +101,8 @@ class LLM:
         if tokenizer is not None and getattr(tokenizer, "eos_id", None) is not None:
             eos = eos + [tokenizer.eos_id]
         self.eos_ids = frozenset(e for e in eos if e is not None)
-        self.requests: dict[str, Request] = {}
+        self.requests: dict[str, Request] = {}               # unfinished
+        self.finished: dict[str, RequestOutput] = {}         # finished under generate(), not yet handed over
         self._ids = itertools.count()
         self.counters = dict(steps=0, prompt_tokens_computed=0, generated_tokens=0, spec_proposed=0,
                              spec_accepted=0)
@@ -138,8 +128,8 @@ class LLM:
         if len(ids) + self.scheduler.lookahead > self.scheduler.capacity_tokens():
             raise ValueError(f"prompt of {len(ids)} tokens exceeds the KV cache ({self.scheduler.capacity_tokens()} tokens)")
         rid = request_id if request_id is not None else str(next(self._ids))
-        if rid in self.requests:
-            raise ValueError(f"request id {rid!r} is already running")
+        if rid in self.requests or rid in self.finished:
+            raise ValueError(f"request id {rid!r} is already in use")
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
         req = Request(rid, prompt if isinstance(prompt, str) else None, ids, params, stop_ids, arrival=time.perf_counter())
         req.seqs.append(Sequence(req, 0, ids))     # samples 1..n-1 are forked after the prefill
@@ -148,10 +138,11 @@ class LLM:
         return rid
 
     def abort(self, request_id: str) -> RequestOutput | None:
-        """Stop a request now and free its blocks; returns its final output (None if unknown)."""
+        """Stop a request now and free its blocks; returns its final output (None if unknown or
+        already handed over; a parked finished output is handed over as it is)."""
         req = self.requests.pop(request_id, None)
         if req is None:
-            return None
+            return self.finished.pop(request_id, None)
         for seq in req.seqs:
             if not seq.finished:
                 self.scheduler.remove(seq)
@@ -161,21 +152,36 @@ class LLM:
             req.seqs[-1].finish("abort")
         return req.output()
 
+    def take_finished(self, request_id: str) -> RequestOutput | None:
+        """The final output of a request that finished while generate() drove the engine, handed
+        over once (None if it is still running, unknown, or already handed over)."""
+        return self.finished.pop(request_id, None)
+
     def has_unfinished(self) -> bool:
-        return bool(self.requests)
+        """True while step() has something to do or to hand over (parked final outputs included)."""
+        return bool(self.requests or self.finished)
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> list[list[Completion]]:
-        """Run prompts (texts or token-id lists) to completion: per prompt, its n completions."""
+        """Run prompts (texts or token-id lists) to completion: per prompt, its n completions.
+        Other callers' requests advance too; those that finish here are parked for their owners."""
         single = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
                                               and isinstance(prompts[0], int))
         prompts = [prompts] if single else list(prompts)
         plist = params if isinstance(params, list) else [params] * len(prompts)
         ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
-        done: dict[str, list[Completion]] = {}
-        while any(i not in done for i in ids):
-            for rid, req in self._step().items():
-                if req.finished and rid in self.requests:
-                    done[rid] = self.requests.pop(rid).output().outputs
+        mine, done = set(ids), {}
+        try:
+            while len(done) < len(ids):
+                for out in self._outputs(self._step()):
+                    if out.request_id in mine:
+                        if out.finished:
+                            done[out.request_id] = out.outputs
+                    elif out.finished:
+                        self.finished[out.request_id] = out
+        except BaseException:          # interrupted: our requests would otherwise run for no one
+            for rid in mine - done.keys():
+                self.abort(rid)
+            raise
         return [done[i] for i in ids]
 
     def chat(self, conversations: list[dict] | list[list[dict]], params: SamplingParams | None = None):
@@ -219,11 +225,17 @@ class LLM:
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
-        """One engine step; returns the current state of every request it advanced (finished ones
-        for the last time)."""
+        """One engine step; returns the current output of every request it advanced, whoever added
+        it (finished ones for the last time), after the parked final outputs (see the top)."""
+        outs = list(self.finished.values())
+        self.finished.clear()
+        return outs + self._outputs(self._step())
+
+    def _outputs(self, touched: dict[str, Request]) -> list[RequestOutput]:
+        """The touched requests' outputs; finished ones leave `self.requests` here (once)."""
         outs = []
-        for rid, req in self._step().items():
-            if rid in self.requests:
+        for rid, req in touched.items():
+            if self.requests.get(rid) is req:          # not aborted meanwhile
                 outs.append(req.output())
                 if req.finished:
                     del self.requests[rid]
@@ -323,30 +335,36 @@ class LLM:
                 break
 
     def _remember_block_hidden(self, seq: Sequence, nc_old: int, rows: torch.Tensor) -> None:
-        """Keep h at each block's last position (see kv_cache.py: MTP after a prefix hit)."""
+        """Keep h at each block's last position (see kv_memory.py: MTP after a prefix hit)."""
         B = self.cache.block_size
         for p in range(nc_old, nc_old + len(rows)):
             if (p + 1) % B == 0:
                 self.cache.last_hidden[seq.block_table[p // B]] = rows[p - nc_old]
 
     def _fork(self, parent: Sequence, row: torch.Tensor, hidden, offsets, work) -> None:
-        """Create samples 1..n-1 from a finished prompt: shared full blocks, a copied partial block,
-        and each one's first token drawn from the prompt's last logits with its own generator."""
+        """Create samples 1..n-1 from a finished prompt, each one's first token drawn from the
+        prompt's last logits with its own generator. Those with a seat in the running set (and a
+        free block) share the full blocks and copy the partial one; the others queue, blockless."""
         req, B, P = parent.request, self.cache.block_size, parent.num_prompt_tokens
         children = [Sequence(req, i, req.prompt_token_ids) for i in range(len(req.seqs), req.params.n)]
         tokens, _ = sampler.sample(row[None].expand(len(children), -1), [c.params for c in children],
                                    [c.generator for c in children])
         i = next(j for j, w in enumerate(work) if w.seq is parent)
         last_hidden = hidden[offsets[i] + work[i].num_tokens - 1]
+        # sequences that finished this step still sit in `running` (removed after the forks, which
+        # must come first: the parent's blocks may only be released once the children hold them)
+        seats = self.scheduler.max_num_seqs - sum(not s.finished for s in self.scheduler.running)
+        queued = []
         for child, t in zip(children, tokens.tolist()):
             req.seqs.append(child)
             child.cached_prompt_tokens = parent.cached_prompt_tokens
             full = P // B
             table = parent.block_table[:full]
-            extra = self.blocks.allocate(1) if P % B else []
+            extra = (self.blocks.allocate(1) if P % B else []) if seats > 0 else None
             if extra is None:
-                self.scheduler.add(child)                    # no memory now: recompute it later
+                queued.append(child)                         # no seat or no memory: recompute it later
             else:
+                seats -= 1
                 self.blocks.acquire(table)
                 if extra:
                     self.cache.copy_block(parent.block_table[full], extra[0], P % B)
@@ -357,3 +375,5 @@ class LLM:
             self._commit_tokens(child, [t], row[None])
             if child.finished:
                 self.scheduler.remove(child)
+        # ahead of later requests: they arrived with theirs (first come, first served)
+        self.scheduler.waiting.extendleft(c for c in reversed(queued) if not c.finished)

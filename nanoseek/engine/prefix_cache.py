@@ -1,6 +1,7 @@
 """Block manager and prefix cache: reference-counted KV blocks, reusable by chained hashes.
 
-The vLLM automatic-prefix-caching design (serving.md §3.2; nano-vllm's BlockManager), in one class:
+The vLLM automatic-prefix-caching design (vLLM docs: automatic prefix caching; nano-vllm's
+BlockManager), in one class:
 
   hash      a full block of B tokens is keyed by blake2b(parent block's key ‖ its token ids), so a
             key names the whole prefix up to the block's end, not just the block. Only full blocks
@@ -25,7 +26,7 @@ KV is stale) without touching blocks in use.
 
 Measured (`nanoseek bench engine`, tiny, 1 thread): a request behind a cached 2000-token prefix
 gets its first token in ~11 ms against ~770 ms without the cache (~70×): the hit computes the
-~20 new tokens only, attending to the cached context in the absorbed form (mla.py).
+~20 new tokens only, attending to the cached context in the absorbed form (nanoseek/model/mla.py).
 """
 from __future__ import annotations
 

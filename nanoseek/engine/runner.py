@@ -1,10 +1,12 @@
 """The model runner: one scheduled step -> one forward pass of the model.
 
 It lays every scheduled sequence's new tokens end to end into one packed [1, N] input (prefill
-chunks, 1-token decodes and speculative verifications alike, cache.py's packed layout), builds the
-step's `AttentionBatch` from the block tables (kv_cache.py) and runs `model.forward_hidden` with
-the paged cache. Padding exists only inside attention. MLA picks its absorbed form by itself when
-every sequence feeds one token (mla.py), i.e. in every pure decode step.
+chunks, 1-token decodes and speculative verifications alike, nanoseek/model/cache.py's packed
+layout), builds the step's `AttentionBatch` from the block tables (kv_memory.py) and runs
+`model.forward_hidden` with the paged cache. Padding exists only inside attention. MLA picks its
+absorbed form by itself while the step's padded queries per sequence are few
+(nanoseek/model/mla.py): every decode step and speculative verification, and steps whose
+prefill chunks are short; a step with a long prefill chunk runs naive.
 
 Logits are computed only at the rows that are sampled (`logits(rows)`): the last row of a finished
 prefill, the 1 + k rows of a verification; a 2k-token prefill pays the vocabulary projection once,
@@ -14,12 +16,12 @@ from __future__ import annotations
 
 import torch
 
-from nanoseek.engine.kv_cache import KVCache
+from nanoseek.engine.kv_memory import KVMemory
 from nanoseek.engine.scheduler import Scheduled
 
 
 class ModelRunner:
-    def __init__(self, model, cache: KVCache):
+    def __init__(self, model, cache: KVMemory):
         self.model, self.cache = model, cache
         self.device = next(model.parameters()).device
 

@@ -54,7 +54,8 @@ def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, params_list, generators: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One token per row. Returns (tokens [R], probs [R, V] of the sampled rows or None if all greedy)."""
+    """One token per row. Returns (tokens [R], probs [R, V] after temperature / top-k / top-p,
+    greedy rows at T = 1, or None if all rows are greedy)."""
     greedy = [p.temperature == 0 for p in params_list]
     tokens = logits.argmax(-1)
     if all(greedy):

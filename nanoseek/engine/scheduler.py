@@ -1,22 +1,25 @@
 """Continuous batching: which sequences run in the next step, with how many tokens each.
 
-Iteration-level scheduling (Orca; serving.md §3.5): the batch is rebuilt before every forward
+Iteration-level scheduling (Orca, Yu et al. OSDI '22): the batch is rebuilt before every forward
 pass, so finished sequences leave and waiting ones join between any two steps. One step is one
-packed [1, N] call (cache.py) that may mix 1-token decodes, speculative verifications (1 + k
-tokens) and prefill chunks, so nothing waits for the longest prompt (vLLM v1's chunked prefill;
-nano-vllm instead alternates prefill-only and decode-only steps).
+packed [1, N] call (nanoseek/model/cache.py) that may mix 1-token decodes, speculative
+verifications (1 + k tokens) and prefill chunks, so nothing waits for the longest prompt (vLLM
+v1's chunked prefill; nano-vllm instead alternates prefill-only and decode-only steps).
 
 Policy, each step, under a token budget (`max_num_batched_tokens`) and `max_num_seqs`:
   1. running sequences first, oldest first: a decode takes 1 token (+ its draft when the budget
      allows), an unfinished prefill the next chunk that fits;
-  2. then waiting ones, first come first served: the prefix cache gives them their cached blocks
-     (prefix_cache.py), and they take a chunk of what remains to be computed.
+  2. then waiting ones, first come first served (preempted sequences and forks that found no
+     seat queue at the front), while the running set has fewer than `max_num_seqs`: the prefix
+     cache gives them their cached blocks (prefix_cache.py), and they take a chunk of what
+     remains to be computed. Forks join `running` only below max_num_seqs too (llm.py), so the
+     running set never exceeds it.
 Memory: before a sequence is scheduled its block table must cover every slot the step writes
 (+ `lookahead` for the MTP drafts). When blocks run out, the newest running sequence is preempted:
 its blocks are released (keyed ones stay revivable, so re-admission often hits the prefix cache)
 and it goes back to the front of the queue to be recomputed (vLLM's recompute preemption). A
-waiting sequence that does not fit stays queued. A sequence longer than all of memory ends with
-finish_reason "length".
+waiting sequence that does not fit stays queued, and the ones behind it wait too. A sequence
+longer than all of memory ends with finish_reason "length".
 """
 from __future__ import annotations
 

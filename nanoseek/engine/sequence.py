@@ -1,12 +1,13 @@
 """Request and sequence state: sampling parameters, one Sequence per sample, completions.
 
-A request (one prompt, `SamplingParams.n` samples) owns n `Sequence`s. A sequence is the whole
+A request (one prompt, `SamplingParams.n` samples) owns n `Sequence`s: sample 0 from the start,
+samples 1..n-1 forked from it once the prompt is computed (llm.py). A sequence is the whole
 per-sample state the engine keeps between steps (vLLM's `Sequence`, nano-vllm's `sequence.py`):
 
     token_ids       prompt + generated tokens; `num_computed` of them are in the KV cache. The
                     rest are fed at the next step: a prefill chunk, or in decode just the last
                     sampled token (plus the speculative draft, speculative.py).
-    block_table     the KV blocks holding its tokens (kv_cache.py), `block_hashes` the chained
+    block_table     the KV blocks holding its tokens (kv_memory.py), `block_hashes` the chained
                     hashes of the leading full ones that are registered in the prefix cache.
     generator       a private torch.Generator: a seeded request draws the same numbers whatever
                     else shares the batch, so the same request + seed gives the same tokens.
@@ -174,7 +175,8 @@ class Sequence:
                           self.cached_prompt_tokens or 0)
 
     def reset_cache_state(self) -> None:
-        """Forget everything about the KV cache (after preemption): it will be recomputed."""
+        """Forget everything about the KV cache (preempted, or queued without a fit): it will be
+        recomputed."""
         self.num_computed = 0
         self.block_table, self.block_hashes = [], []
         self.draft, self.draft_probs = [], None

@@ -1,6 +1,6 @@
 """Speculative decoding with the model's own MTP module (V3 §2.2, §5.4.3; vLLM's DeepSeek MTP).
 
-The MTP module (mtp.py) at position j combines the main model's final hidden h_{j-1} with the
+The MTP module (nanoseek/model/mtp.py) at position j combines the main model's final hidden h_{j-1} with the
 embedding of token j and predicts token j+1 — one token beyond what the main model's hidden at
 j-1 predicts. When t_L has just been sampled from h_{L-1} (the main model has computed positions
 0..L-1), the module at position L, on (h_{L-1}, t_L), drafts t_{L+1}; the next step feeds
@@ -9,13 +9,13 @@ yields one more token of its own.
 
 MTP cache. The module has its own attention layer (cache layer N, N+1, … in the same block tables),
 with entries keyed by position: the entry at j is built from (h_{j-1}, t_j) with rope position j,
-exactly what training sees (model.py feeds module 1 positions 1..T-1); position 0 has none and is
+exactly what training sees (nanoseek/model/transformer.py feeds module 1 positions 1..T-1); position 0 has none and is
 masked (`skip_first`). After every step, one MTP call per step catches each sequence up from
 `seq.mtp_len` to L, its new length, using the hidden rows the main pass just made (and
 `seq.last_hidden` for h_{nc-1}, the hidden before them), and its last output drafts t_{L+1}. Then
 mtp_len = L+1. Because entry j depends only on tokens 0..j, full blocks stay shareable through the
 prefix cache; a sequence that starts from a hit of n blocks gets h_{nB-1} from
-`KVCache.last_hidden`. With k > 1 drafts the module is applied recurrently (vLLM's choice for
+`KVMemory.last_hidden`. With k > 1 drafts the module is applied recurrently (vLLM's choice for
 DeepSeek MTP): its own output hidden stands in for the main model's unknown h at the next
 position; those entries are overwritten by the next catch-up. (Only module 1 drafts; a checkpoint's
 deeper modules would need drafted tokens in their caches.)
@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import torch
 
-from nanoseek.engine.kv_cache import KVCache
+from nanoseek.engine.kv_memory import KVMemory
 from nanoseek.engine.sampler import draw, processed_logits, row_params
 
 
@@ -75,7 +75,7 @@ def accept_sampled(p: torch.Tensor, q: torch.Tensor, draft: list[int], generator
 class MTPDrafter:
     """Runs the MTP catch-up + draft pass for a step's sequences (see the module docstring)."""
 
-    def __init__(self, model, cache: KVCache, num_tokens: int):
+    def __init__(self, model, cache: KVMemory, num_tokens: int):
         if not len(model.mtp):
             raise ValueError("speculative decoding needs a model with MTP modules (num_nextn_predict_layers > 0)")
         self.model, self.cache, self.k = model, cache, num_tokens

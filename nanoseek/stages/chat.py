@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from nanoseek.stages.generate import sampling_defaults
+from nanoseek.engine.loading import sampling_defaults
 
 DIM, RESET = "\033[2m", "\033[0m"
 END_THINK = "</think>"

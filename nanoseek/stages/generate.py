@@ -9,7 +9,6 @@ completion is printed when all are done (`--json`: one object per prompt, one a 
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 
@@ -29,17 +28,6 @@ def add_arguments(p):
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
 
 
-def sampling_defaults(model_dir: str) -> tuple[float, float]:
-    try:
-        with open(os.path.join(model_dir, "generation_config.json")) as f:
-            g = json.load(f)
-    except (OSError, ValueError):
-        return 0.0, 1.0
-    if not g.get("do_sample", False):
-        return 0.0, 1.0
-    return float(g.get("temperature", 1.0)), float(g.get("top_p", 1.0))
-
-
 def stream(llm, prompt, params, write) -> "object":
     """Run one request, calling write(delta_text) as text arrives; returns its first completion."""
     rid = llm.add_request(prompt, params)
@@ -57,6 +45,7 @@ def stream(llm, prompt, params, write) -> "object":
 
 def main(args) -> int:
     from nanoseek.engine import LLM, SamplingParams
+    from nanoseek.engine.loading import sampling_defaults
     temp, top_p = sampling_defaults(args.model)
     params = SamplingParams(temperature=temp if args.temperature is None else args.temperature,
                             top_p=top_p if args.top_p is None else args.top_p, top_k=args.top_k,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 
 from nanoseek.config import PRESETS, ModelConfig, preset
-from nanoseek.model import param_counts
+from nanoseek.model.params import param_counts
 
 
 def add_arguments(p):

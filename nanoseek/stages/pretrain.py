@@ -4,9 +4,10 @@
     nanoseek pretrain --preset tiny --data runs/tiny/corpus --out runs/tiny/pretrain
     torchrun --nproc_per_node 2 -m nanoseek pretrain … [--parallel fsdp]     # same run, data-parallel
 
-Reads top to bottom: set-up (process group, tokenizer, model, FP8 conversion, DDP/FSDP wrap,
-optimizer, packed data, resume), then one loop: eval → checkpoint → step → log. What a step does
-(losses, balancing, accumulation) is in train.py; the data layout in data.py.
+Only flags and wiring: set-up (process group, tokenizer, model, FP8 conversion, DDP/FSDP wrap,
+optimizer, packed data), then the one training loop (train/loop.py: resume, eval → checkpoint →
+step → log, final model and summary). What a step does (losses, balancing, accumulation) is in
+train/step.py; the data layout in data/packing.py.
 
 Writes under --out: tokenizer/ (trained on the corpus unless --tokenizer is given), tokens/ (the
 tokenized stream, cached), checkpoints/step_NNNNNN/ (resumable), model/ (the final HF model +
@@ -37,22 +38,21 @@ moves a bias by at most γ) and then stays near 0.1 (balance.png).
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
-import time
 
 import torch
 
-from nanoseek import distributed, fp8, train
-from nanoseek.config import PRESETS, preset
-from nanoseek.data import (PackedDataset, cached_tokens, corpus_files, eval_batches, read_jsonl,
-                           step_batches)
+from nanoseek.config import PRESETS, parse_overrides, preset
+from nanoseek.data.packing import PackedDataset, cached_tokens, corpus_files, read_jsonl
+from nanoseek.flags import add_dataclass_arguments, from_args
 from nanoseek.model import Transformer
-from nanoseek.optim import build_optimizer, lr_at, set_lr
+from nanoseek.precision import fp8
 from nanoseek.tokenizer import Tokenizer, train_tokenizer
-
-CALIBRATION_STEPS = 10  # --minutes: steps timed before the step count is fixed
+from nanoseek.train import distributed, loop
+from nanoseek.train.config import TrainConfig
+from nanoseek.train.optim import build_optimizer
+from nanoseek.train.step import lm_stage
 
 
 def add_arguments(p) -> None:
@@ -65,21 +65,13 @@ def add_arguments(p) -> None:
     p.add_argument("--mtp-depth", type=int, default=None, help="MTP depth D (default: the preset's); 0: none")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a ModelConfig field, e.g. --set hidden_size=128 (repeatable)")
-    train.add_common_arguments(p, out="runs/tiny/pretrain", lr=3e-3, steps=800, batch=16, seq_len=256)
+    add_dataclass_arguments(p, TrainConfig, out="runs/tiny/pretrain")
 
 
-def parse_overrides(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        key, _, value = item.partition("=")
-        out[key] = json.loads(value) if value[:1] in "-0123456789[{tfn" else value
-    return out
-
-
-def load_or_train_tokenizer(args, dist) -> Tokenizer:
+def load_or_train_tokenizer(args, out: str, dist) -> Tokenizer:
     if args.tokenizer:
         return Tokenizer.load(args.tokenizer)
-    path = os.path.join(args.out, "tokenizer")
+    path = os.path.join(out, "tokenizer")
     if dist.is_main and not os.path.exists(os.path.join(path, "tokenizer.json")):
         texts = read_jsonl(corpus_files(args.data, "pretrain", "train"), "text")
         train_tokenizer(texts, args.vocab_size).save(path)
@@ -87,9 +79,9 @@ def load_or_train_tokenizer(args, dist) -> Tokenizer:
     return Tokenizer.load(path)
 
 
-def load_stream(tok, args, dist, split: str):
-    files = corpus_files(args.data, "pretrain", split)
-    cache = os.path.join(args.out, "tokens")
+def load_stream(tok, data: str, out: str, dist, split: str):
+    files = corpus_files(data, "pretrain", split)
+    cache = os.path.join(out, "tokens")
     if dist.is_main:
         cached_tokens(tok, files, cache)   # rank 0 tokenizes once, the others read the cache
     dist.barrier()
@@ -97,87 +89,39 @@ def load_stream(tok, args, dist, split: str):
 
 
 def main(args) -> int:
-    # ---------------------------------------------------------------- set-up
+    cfg = from_args(TrainConfig, args)
+    try:                                        # a bad --set fails now, before any work
+        overrides = parse_overrides(args.set)
+        preset(args.preset, **overrides)
+    except ValueError as e:
+        print(f"nanoseek pretrain: --set: {e}", file=sys.stderr)
+        return 2
     dist = distributed.init()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    os.makedirs(args.out, exist_ok=True)
-    tok = load_or_train_tokenizer(args, dist)
-    cfg = preset(args.preset, vocab_size=tok.vocab_size, **parse_overrides(args.set))
-    D = cfg.num_nextn_predict_layers if args.mtp_depth is None else args.mtp_depth
-    cfg = cfg.replace(num_nextn_predict_layers=D)
-    D = D if args.mtp_weight > 0 else 0
-    torch.manual_seed(args.seed)
-    model = Transformer(cfg).train()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    os.makedirs(cfg.out, exist_ok=True)
+    tok = load_or_train_tokenizer(args, cfg.out, dist)
+    mcfg = preset(args.preset, **{**overrides, "vocab_size": tok.vocab_size})   # the tokenizer sets the vocabulary
+    mcfg = mcfg.replace(num_nextn_predict_layers=mcfg.num_nextn_predict_layers if args.mtp_depth is None
+                        else args.mtp_depth)
+    D = mcfg.num_nextn_predict_layers if cfg.mtp_weight > 0 else 0
+    torch.manual_seed(cfg.seed)
+    model = Transformer(mcfg).train()
     if D == 0:
         model.mtp.requires_grad_(False)         # kept in the checkpoint, never trained
-    if args.precision == "fp8":
-        fp8.convert(model, args.fp8_backend)
-    model = distributed.wrap(model, dist, args.parallel)
-    optimizer = build_optimizer(model, args.lr, args.weight_decay, (args.beta1, args.beta2), args.moments)
-    micro = args.micro_batch or args.batch_size // dist.world
-    data = PackedDataset(load_stream(tok, args, dist, "train"), args.seq_len, seed=args.seed)
-    heldout = PackedDataset(load_stream(tok, args, dist, "heldout"), args.seq_len, shuffle=False)
-    evals = eval_batches(heldout, args.eval_rows, micro, dist.rank, dist.world)
-    state = {"stage": "pretrain", "step": 0, "position": 0, "total_steps": None if args.minutes else args.steps}
-    resumed = train.checkpoint_dirs(args.out)[-1:] if args.resume else []
-    if resumed:
-        try:
-            meta = train.load_checkpoint(resumed[0], model, optimizer, dist)
-        except train.CheckpointError as e:
-            print(f"nanoseek pretrain: cannot resume: {e}", file=sys.stderr)
-            return 2
-        state.update({k: meta[k] for k in ("step", "position", "total_steps")})
-        if not args.minutes and args.steps and meta["args"].get("steps") != args.steps:
-            state["total_steps"] = args.steps      # an explicit new --steps extends (or shortens) the run
-        dist.print0(f"resumed from {resumed[0]} at step {state['step']}")
-    if dist.is_main:
-        if not resumed:
-            train.clear_checkpoints(args.out)
-        train.prune_checkpoints(args.out, args.keep)
-    log = train.MetricsLog(args.out, dist.is_main, resume_step=state["step"] if args.resume else None)
-    flops = train.train_flops_per_token(cfg, args.seq_len, D)
-    dist.print0(f"pretrain: {cfg.hidden_size}d × {cfg.num_hidden_layers} layers, MTP D={D}, "
+    if cfg.precision == "fp8":
+        fp8.convert(model, cfg.fp8_backend)
+    model = distributed.wrap(model, dist, cfg.parallel)
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.moments)
+    micro = cfg.micro_rows(dist.world)
+    data = PackedDataset(load_stream(tok, args.data, cfg.out, dist, "train"), cfg.seq_len, seed=cfg.seed)
+    heldout = PackedDataset(load_stream(tok, args.data, cfg.out, dist, "heldout"), cfg.seq_len, shuffle=False)
+    dist.print0(f"pretrain: {mcfg.hidden_size}d × {mcfg.num_hidden_layers} layers, MTP D={D}, "
                 f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {data.n_rows} rows of "
-                f"{args.seq_len}, batch {args.batch_size} ({micro}/micro × {dist.world} ranks), {args.precision}")
-    bar = train.Progress(state["total_steps"], state["step"], enabled=dist.is_main and not args.no_progress,
-                         show=dist.is_main)
+                f"{cfg.seq_len}, batch {cfg.batch_size} ({micro}/micro × {dist.world} ranks), {cfg.precision}")
 
-    # ---------------------------------------------------------------- loop: eval → checkpoint → step → log
-    step, start, t_start = state["step"], state["step"], time.time()
-    total, heldout_loss = state["total_steps"], None
-    while True:
-        last = total is not None and step >= total
-        if step % args.eval_every == 0 or last:
-            heldout_loss = train.evaluate(model, evals, dist, args.precision)
-            log.log({"step": step, "heldout_loss": heldout_loss})
-            bar.note(step, heldout_loss)
-        if step > start and (step % args.ckpt_every == 0 or last):
-            state.update(step=step, total_steps=total, metrics={"heldout_loss": heldout_loss})
-            train.save_checkpoint(os.path.join(args.out, "checkpoints", f"step_{step:06d}"),
-                                  model, optimizer, tok, {**state, "args": vars(args)}, dist)
-            if dist.is_main:
-                train.prune_checkpoints(args.out, args.keep)
-        if last:
-            break
-        lr = lr_at(step, args.schedule, args.lr, args.warmup, total or 10 ** 9,
-                   args.lr * args.min_lr_ratio, args.decay_frac)
-        set_lr(optimizer, lr)
-        batches = step_batches(data, state["position"], args.batch_size, micro, dist.rank, dist.world)
-        t0 = time.perf_counter()
-        rec = train.train_step(model, batches, optimizer, args, dist, D)
-        dt = time.perf_counter() - t0
-        state["position"] += args.batch_size
-        log.log({"step": step, "lr": lr, "epoch": round(data.epoch(state["position"]), 4), "step_s": dt, **rec})
-        bar.update(rec, dt)
-        step += 1
-        if total is None and step == start + CALIBRATION_STEPS:
-            total = dist.broadcast_object(train.decide_total_steps(
-                args.minutes, time.time() - t_start, bar.median_step_s(), step))
-            bar.set_total(total)
-
-    # ---------------------------------------------------------------- final model, summary, plots
-    bar.close()
-    train.finish(args, model, tok, dist, bar, flops, heldout_loss, stage="pretrain")
+    stage = lm_stage("pretrain", cfg, model, optimizer, dist, data, heldout, D)
+    info = {"preset": args.preset, "data": args.data, "set": args.set, "mtp_depth": D}
+    rc = loop.run(cfg, stage, model, optimizer, tok, dist, cfg.steps, info)
     distributed.shutdown(dist)
-    return 0
+    return rc

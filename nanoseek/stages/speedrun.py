@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from nanoseek.cache import ContiguousCache
+from nanoseek.model.cache import ContiguousCache
 from nanoseek.checkpoint import load_pretrained, save_pretrained
 from nanoseek.config import tiny
 from nanoseek.model import Transformer
-from nanoseek.mtp import mtp_loss
+from nanoseek.model.mtp import mtp_loss
 from nanoseek.tokenizer import Tokenizer, train_tokenizer
 
 

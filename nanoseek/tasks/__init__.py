@@ -5,7 +5,7 @@ One file per family (DESIGN.md layout):
     arithmetic.py  multi-step integer arithmetic with + - * (steps, digits, products)
     countdown.py   Countdown with small numbers (a search task)
     linear.py      linear equations, where substituting back checks the answer
-    gym.py         any reasoning-gym dataset as a Task (an outside benchmark: its own checker)
+    reasoning_gym.py  any reasoning-gym dataset as a Task (an outside benchmark: its own checker)
     math_jsonl.py  GSM8K / MATH-500 / AIME style JSONL files scored by math-verify
 
 `get_task(name, **knobs)` builds a task; `task_of(problem)` rebuilds the task a problem came from
@@ -36,7 +36,7 @@ TASKS = {
     "arithmetic": "nanoseek.tasks.arithmetic:Arithmetic",
     "countdown": "nanoseek.tasks.countdown:Countdown",
     "linear": "nanoseek.tasks.linear:Linear",
-    "gym": "nanoseek.tasks.gym:GymTask",
+    "gym": "nanoseek.tasks.reasoning_gym:GymTask",
     "math": "nanoseek.tasks.math_jsonl:MathTask",
 }
 

@@ -25,7 +25,6 @@ parse of a 100k-character expression alone takes > 5 s). Scripts that use this n
 from __future__ import annotations
 
 import json
-import logging
 import multiprocessing
 import os
 import random
@@ -125,7 +124,7 @@ def pool() -> ProcessPoolExecutor:
         if _POOL is None:
             workers = int(os.environ.get("NANOSEEK_VERIFY_WORKERS", min(2, os.cpu_count() or 1)))
             _POOL = ProcessPoolExecutor(max_workers=workers, initializer=exec,
-                                        initargs=(_WORKER_PRELUDE,),
+                                        initargs=(_WORKER_PRELUDE, {}),   # its own globals
                                         mp_context=multiprocessing.get_context("spawn"))
         return _POOL
 

@@ -1,0 +1,1 @@
+"""Reinforcement learning from rule rewards: rewards.py (pure, torch-free)."""

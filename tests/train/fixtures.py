@@ -1,0 +1,28 @@
+"""Shared set-up of the training tests: a tiny real corpus and tokenizer, the pretrain flags."""
+from __future__ import annotations
+
+import json
+import os
+
+from nanoseek.data.corpus import build, scaled
+from nanoseek.data.corpus import tiny as tiny_corpus
+from nanoseek.tokenizer import train_tokenizer
+
+# the model of every stage test: hidden 64, 1 dense + 1 MoE layer, 8 experts top-2, one MTP depth
+TINY_MODEL = ["--set", "hidden_size=64", "--set", "num_hidden_layers=2", "--set", "intermediate_size=64",
+              "--set", "moe_intermediate_size=32", "--set", "q_lora_rank=32", "--set", "kv_lora_rank=32"]
+
+
+def make_corpus(out) -> tuple[str, str]:
+    """A ~400-document corpus (the real `nanoseek corpus` writer) and a 300-token BPE: (data, tokenizer)."""
+    data, tok_dir = os.path.join(out, "corpus"), os.path.join(out, "tokenizer")
+    build(scaled(tiny_corpus(), 0.01), data, seed=0)
+    with open(os.path.join(data, "pretrain", "train-00000.jsonl")) as f:
+        train_tokenizer([json.loads(line)["text"] for line in f], 300).save(tok_dir)
+    return data, tok_dir
+
+
+def pretrain_args(data, tok, out, steps=6, *extra) -> list[str]:
+    return ["pretrain", "--data", data, "--tokenizer", tok, "--out", out, *TINY_MODEL, "--steps", str(steps),
+            "--seq-len", "32", "--batch-size", "8", "--micro-batch", "4", "--eval-every", "3",
+            "--ckpt-every", "3", "--eval-rows", "8", "--warmup", "2", "--threads", "1", "--no-progress", *extra]
