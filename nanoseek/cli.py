@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("nanoseek.stages.tokenizer", "train the byte-level BPE tokenizer"),
     "pretrain": ("nanoseek.stages.pretrain", "pretrain a model on the corpus"),
     "sft": ("nanoseek.stages.sft", "supervised fine-tuning on conversations"),
+    "grpo": ("nanoseek.stages.grpo", "reinforcement learning from rule rewards (GRPO; R1-Zero from a base model)"),
+    "eval": ("nanoseek.stages.eval", "R1-style evaluation: pass@1 over k samples, cons@k, pass@k"),
     "speedrun": ("nanoseek.stages.speedrun", "the main job: every stage end to end on the tiny preset"),
     "generate": ("nanoseek.stages.generate", "generate text from a checkpoint directory"),
     "chat": ("nanoseek.stages.chat", "chat with a checkpoint in the terminal"),

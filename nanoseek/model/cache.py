@@ -69,6 +69,18 @@ class AttentionBatch:
         return x[self.q_valid].unsqueeze(0)
 
 
+def document_starts(segments: torch.Tensor) -> torch.Tensor:
+    """[B, T] document numbers (contiguous runs) -> [B, T] index where each token's document starts.
+
+    >>> document_starts(torch.tensor([[0, 0, 0, 1, 1, -1]])).tolist()
+    [[0, 0, 0, 3, 3, 5]]
+    """
+    idx = torch.arange(segments.shape[1], device=segments.device).expand_as(segments)
+    new = torch.ones_like(segments, dtype=torch.bool)
+    new[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    return torch.where(new, idx, torch.zeros_like(idx)).cummax(dim=1).values
+
+
 def document_mask(segments: torch.Tensor) -> torch.Tensor:
     """Training-time packing (no cache): [B, T] document numbers -> [B, T, T] bool: query i may see key j (j ≤ i, same document)."""
     T = segments.shape[1]

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanoseek.model.cache import document_mask
+from nanoseek.model.cache import document_mask, document_starts
 from nanoseek.model.fastpath import fused_linear, run_linear
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import apply_rope, softmax_scale_multiplier
@@ -178,18 +178,21 @@ def causal_attention_bmm(q, k, v, scale: float, block: int = 128, segments=None)
     product; the cost is a few more, smaller kernels). Autograd's backward is 4 bmm and one
     softmax backward per block. `segments` [B, T] with N = B·heads (packed documents): keys of
     other documents are masked too, one masked_fill per block (a query always sees itself, so no
-    row is fully masked)."""
+    row is fully masked), and a block starts its keys where the earliest document of its first
+    query starts (over all rows), so earlier documents are not computed at all."""
     N, T, _ = q.shape
+    starts = None if segments is None else document_starts(segments).min(0).values.tolist()   # [T]
     outs = []
     for start in range(0, T, block):
         end = min(T, start + block)
-        bias = causal_bias(end - start, end, q.dtype, q.device)
-        scores = torch.baddbmm(bias, q[:, start:end], k[:, :end].transpose(1, 2), alpha=scale)
+        k0 = 0 if starts is None else starts[start]           # no query of the block sees a key before k0
+        bias = causal_bias(end - start, end - k0, q.dtype, q.device)
+        scores = torch.baddbmm(bias, q[:, start:end], k[:, k0:end].transpose(1, 2), alpha=scale)
         if segments is not None:
             B = segments.shape[0]
-            other = segments[:, start:end, None] != segments[:, None, :end]            # [B, q, k]
-            scores = scores.view(B, N // B, end - start, end).masked_fill(other[:, None], float("-inf"))
-            scores = scores.view(N, end - start, end)
+            other = segments[:, start:end, None] != segments[:, None, k0:end]          # [B, q, k]
+            scores = scores.view(B, N // B, end - start, end - k0).masked_fill(other[:, None], float("-inf"))
+            scores = scores.view(N, end - start, end - k0)
         probs = scores.softmax(-1, dtype=torch.float32).to(v.dtype)
-        outs.append(torch.bmm(probs, v[:, :end]))
+        outs.append(torch.bmm(probs, v[:, k0:end]))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)

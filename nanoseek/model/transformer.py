@@ -28,12 +28,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from nanoseek.model.gqa import GQAttention
 from nanoseek.config import ModelConfig
+from nanoseek.model.cache import document_starts
+from nanoseek.model.fastpath import run_linear
+from nanoseek.model.gqa import GQAttention
+from nanoseek.model.mla import MLA
 from nanoseek.model.mlp import MLP
 from nanoseek.model.norm import RMSNorm
-from nanoseek.model.fastpath import run_linear
-from nanoseek.model.mla import MLA
 from nanoseek.model.moe import MoE, Router, Experts, RouterStats
 from nanoseek.model.mtp import MTPModule
 from nanoseek.model.rope import RotaryEmbedding
@@ -155,12 +156,8 @@ def segment_positions(segments: torch.Tensor) -> torch.Tensor:
     >>> segment_positions(torch.tensor([[0, 0, 0, 1, 1, -1]])).tolist()
     [[0, 1, 2, 0, 1, 0]]
     """
-    T = segments.shape[1]
-    idx = torch.arange(T, device=segments.device).expand_as(segments)
-    new = torch.ones_like(segments, dtype=torch.bool)
-    new[:, 1:] = segments[:, 1:] != segments[:, :-1]
-    starts = torch.where(new, idx, torch.zeros_like(idx)).cummax(dim=1).values
-    return idx - starts
+    idx = torch.arange(segments.shape[1], device=segments.device).expand_as(segments)
+    return idx - document_starts(segments)
 
 
 @torch.no_grad()
