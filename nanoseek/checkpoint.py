@@ -285,3 +285,11 @@ def check_tensors(tensors: dict[str, torch.Tensor], where: dict[str, str], cfg, 
                     for k in expected.keys() & tensors.keys() if tensors[k].shape != expected[k])
     return [f"{len(items)} {label} tensor(s): " + ", ".join(items[:12]) + (" …" if len(items) > 12 else "")
             for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)) if items]
+
+
+def resolve_model_dir(path: str) -> str:
+    """`path` itself when it holds config.json, else its model/ (a run directory's final model)."""
+    nested = os.path.join(path, "model")
+    if not os.path.exists(os.path.join(path, "config.json")) and os.path.exists(os.path.join(nested, "config.json")):
+        return nested
+    return path

@@ -55,7 +55,7 @@ import time
 
 import torch
 
-from nanoseek.bench.common import report
+from nanoseek.bench.common import cpu_jiffies, omp_wait, other_cores, report
 from nanoseek.checkpoint import save_pretrained
 from nanoseek.config import preset
 from nanoseek.engine import LLM, SamplingParams
@@ -210,40 +210,9 @@ def interleave(args, nano_runs: dict, prompts: list[str], log: dict):
     return Interleave()
 
 
-# ------------------------------------------------------------------ the process
-def _cpu_jiffies() -> tuple[int, int]:
-    """(busy jiffies of the machine, of this process); zeros where /proc is missing."""
-    try:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-        with open("/proc/self/stat") as f:
-            own = f.read().rsplit(")", 1)[1].split()
-        return sum(v) - v[3] - v[4], int(own[11]) + int(own[12])
-    except (OSError, ValueError, IndexError):
-        return 0, 0
-
-
-def _other_cores(j0, j1, seconds: float) -> float:
-    return max(0, (j1[0] - j0[0]) - (j1[1] - j0[1])) / os.sysconf("SC_CLK_TCK") / max(seconds, 1e-9)
-
-
-def _omp(mode: str) -> None:
-    """Re-execute with OMP_WAIT_POLICY=PASSIVE when asked or (auto) when the machine is busy."""
-    if mode == "keep" or os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE" \
-            or sys.argv[1:3] != ["bench", "grpo"]:
-        return
-    if mode == "auto":
-        j0 = _cpu_jiffies()
-        time.sleep(1.0)
-        if _other_cores(j0, _cpu_jiffies(), 1.0) < 0.25:
-            return
-    sys.stdout.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "nanoseek", *sys.argv[1:]],
-              dict(os.environ, OMP_WAIT_POLICY="PASSIVE"))
-
-
+# ------------------------------------------------------------------ the run
 def main(args) -> int:
-    _omp(args.omp_wait)
+    omp_wait(args.omp_wait, "grpo")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.prompts * args.group % args.micro:
@@ -260,7 +229,7 @@ def main(args) -> int:
     if not args.skip_bf16:
         variants["nanoseek_bf16"] = lambda k, b: nano.step(k, b, True)
     logs: dict = {}
-    j0, t0 = _cpu_jiffies(), time.perf_counter()
+    j0, t0 = cpu_jiffies(), time.perf_counter()
     with tempfile.TemporaryDirectory() as d:
         save_pretrained(policy, d, tokenizer=tok)
         ids = torch.tensor([nano.llm.encode(prompts[0])])
@@ -278,7 +247,7 @@ def main(args) -> int:
                 trainer.train()
                 gc.unfreeze()
             del trainer
-    load = _other_cores(j0, _cpu_jiffies(), time.perf_counter() - t0)
+    load = other_cores(j0, cpu_jiffies(), time.perf_counter() - t0)
     med = statistics.median
     a, b = logs["trl_fp32"], logs["trl_defaults"]
     figures: dict = {"parity_max_rel_diff": parity}

@@ -74,14 +74,13 @@ from __future__ import annotations
 import gc
 import os
 import statistics
-import sys
 import tempfile
 import time
 
 import torch
 import torch.nn.functional as F
 
-from nanoseek.bench.common import report
+from nanoseek.bench.common import cpu_jiffies, omp_wait, other_cores, report
 from nanoseek.train.flops import flops_per_token
 from nanoseek.checkpoint import save_pretrained
 from nanoseek.config import preset
@@ -188,24 +187,6 @@ def first_call_seconds(fn) -> float:
 
 
 # ------------------------------------------------------------------ timing on a shared machine
-def _cpu_jiffies() -> tuple[int, int]:
-    """(busy jiffies of the whole machine, jiffies of this process); zeros where /proc is missing."""
-    try:
-        with open("/proc/stat") as f:
-            vals = [int(v) for v in f.readline().split()[1:]]
-        with open("/proc/self/stat") as f:
-            own = f.read().rsplit(")", 1)[1].split()
-        return sum(vals) - vals[3] - vals[4], int(own[11]) + int(own[12])
-    except (OSError, ValueError, IndexError):
-        return 0, 0
-
-
-def _other_cores(before, after, seconds: float) -> float:
-    """Cores' worth of CPU other processes used between two _cpu_jiffies() samples."""
-    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    return max(0, (after[0] - before[0]) - (after[1] - before[1])) / hz / max(seconds, 1e-9)
-
-
 def time_rounds(items: dict, reps: int, warmup: int) -> tuple[dict[str, list[float]], float]:
     """Every item once per round, in turn: seconds per item per timed round, median other load."""
     for _ in range(warmup):
@@ -215,27 +196,12 @@ def time_rounds(items: dict, reps: int, warmup: int) -> tuple[dict[str, list[flo
     loads = []
     for _ in range(reps):
         for name, fn in items.items():
-            j0, t0 = _cpu_jiffies(), time.perf_counter()
+            j0, t0 = cpu_jiffies(), time.perf_counter()
             fn()
             dt = time.perf_counter() - t0
             times[name].append(dt)
-            loads.append(_other_cores(j0, _cpu_jiffies(), dt))
+            loads.append(other_cores(j0, cpu_jiffies(), dt))
     return times, statistics.median(loads) if loads else 0.0
-
-
-def _reexec_with_passive_omp() -> None:
-    """Re-run this `nanoseek bench model …` command with OMP_WAIT_POLICY=PASSIVE (no-op if set or not the CLI)."""
-    if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE" or sys.argv[1:3] != ["bench", "model"]:
-        return
-    sys.stdout.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "nanoseek", *sys.argv[1:]],
-              dict(os.environ, OMP_WAIT_POLICY="PASSIVE"))
-
-
-def _busy_now(seconds: float = 1.0) -> bool:
-    j0 = _cpu_jiffies()
-    time.sleep(seconds)
-    return _other_cores(j0, _cpu_jiffies(), seconds) >= 0.25
 
 
 # ------------------------------------------------------------------ figures
@@ -267,8 +233,7 @@ def summarize(times: dict, cfg, tokens: int, seq_len: int) -> tuple[dict, dict]:
 
 # ------------------------------------------------------------------ main
 def main(args) -> int:
-    if args.omp_wait == "passive" or (args.omp_wait == "auto" and _busy_now()):
-        _reexec_with_passive_omp()
+    omp_wait(args.omp_wait, "model")
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = preset(args.preset, num_nextn_predict_layers=0)

@@ -267,9 +267,10 @@ class ConversationDataset:
         return position / self.n_rows
 
     def fill(self) -> float:
-        """Share of row positions that hold real tokens."""
-        real = sum(len(ids) for ids, _ in self.examples)
-        return real / (self.n_rows * (self.seq_len + 1)) if self.pack else 1.0
+        """Packed: the share of row positions that hold real tokens."""
+        if not self.pack:
+            raise ValueError("fill() is the packed layout's; padded rows depend on each micro-batch")
+        return sum(len(ids) for ids, _ in self.examples) / (self.n_rows * (self.seq_len + 1))
 
 
 # ------------------------------------------------------------------ one step's rows for one rank

@@ -22,7 +22,7 @@ import sys
 
 import torch
 
-from nanoseek.checkpoint import load_pretrained
+from nanoseek.checkpoint import load_pretrained, resolve_model_dir
 from nanoseek.data.packing import RowOrder
 from nanoseek.engine import LLM
 from nanoseek.eval.evaluate import EvalConfig, evaluate
@@ -53,12 +53,6 @@ def add_arguments(p) -> None:
                             schedule="constant", eval_every=10, ckpt_every=20, micro_batch=32)
 
 
-def resolve_init(path: str) -> str:
-    nested = os.path.join(path, "model")
-    return nested if not os.path.exists(os.path.join(path, "config.json")) and os.path.exists(
-        os.path.join(nested, "config.json")) else path
-
-
 def heldout_evaluation(llm, problems, ecfg: EvalConfig, dist):
     """step -> {"heldout_pass@1", "heldout_cons@k", "heldout_len"}: each rank scores its share of the
     held-out problems, the sums are all-reduced (the same numbers for any world size)."""
@@ -83,11 +77,8 @@ def heldout_evaluation(llm, problems, ecfg: EvalConfig, dist):
 def main(args) -> int:
     cfg = from_args(TrainConfig, args, precision="fp32", gamma=0.0, alpha=0.0, mtp_weight=0.0)
     gcfg = from_args(GRPOConfig, args)
-    dist = distributed.init()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    os.makedirs(cfg.out, exist_ok=True)
-    init = resolve_init(args.init)
+    dist = loop.setup(cfg)
+    init = resolve_model_dir(args.init)
     try:
         rl_problems = read_problem_file(os.path.join(args.data, "problems", "rl.jsonl"))
         eval_problems = read_problem_file(os.path.join(args.data, "problems", "eval.jsonl"))[: args.eval_problems]

@@ -96,10 +96,7 @@ def main(args) -> int:
     except ValueError as e:
         print(f"nanoseek pretrain: --set: {e}", file=sys.stderr)
         return 2
-    dist = distributed.init()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    os.makedirs(cfg.out, exist_ok=True)
+    dist = loop.setup(cfg)
     tok = load_or_train_tokenizer(args, cfg.out, dist)
     mcfg = preset(args.preset, **{**overrides, "vocab_size": tok.vocab_size})   # the tokenizer sets the vocabulary
     mcfg = mcfg.replace(num_nextn_predict_layers=mcfg.num_nextn_predict_layers if args.mtp_depth is None

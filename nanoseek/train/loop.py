@@ -32,7 +32,7 @@ from typing import Callable
 import torch
 
 from nanoseek.checkpoint import save_pretrained
-from nanoseek.train import resume
+from nanoseek.train import distributed, resume
 from nanoseek.train.config import TrainConfig
 from nanoseek.train.flops import matmul_peak_gflops
 from nanoseek.train.metrics import MetricsLog, Progress, balance_summary, mtp_depths, plot_training, read_metrics, tail_means
@@ -52,6 +52,16 @@ class Stage:
     summary_keys: list[str] = field(default_factory=lambda: ["main_loss"])  # averaged over the last 5 %
     plot: Callable[[str], list[str]] | None = plot_training
     epoch: Callable[[int], float] | None = None         # position -> epochs of the data
+
+
+def setup(cfg: TrainConfig):
+    """What every training stage starts with: the process group (torchrun or one process), torch's
+    threads, the run directory. Returns the Dist."""
+    dist = distributed.init()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    os.makedirs(cfg.out, exist_ok=True)
+    return dist
 
 
 def decide_total_steps(minutes: float, elapsed_s: float, step_s: float, step: int) -> int:

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,10 +17,7 @@ from nanoseek.eval.problems import read_problem_file
 from nanoseek.rl import rollout
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.metrics import read_metrics
-from tests.train.fixtures import make_corpus, pretrain_args
-
-TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
-
+from tests.train.fixtures import TORCHRUN, make_corpus, pretrain_args, torchrun
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
@@ -96,16 +90,7 @@ def test_two_gloo_ranks_equal_one_process(base, tmp_path):
     _, data, init = base
     single, double = str(tmp_path / "one"), str(tmp_path / "two")
     assert cli_main(grpo_args(init, data, single, 2, "--no-plots")) == 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "nanoseek",
-                             *grpo_args(init, data, double, 2, "--no-plots")], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        log = proc.communicate(timeout=300)[0]
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
-    assert proc.returncode == 0, log[-3000:]
+    torchrun(grpo_args(init, data, double, 2, "--no-plots"))
     a = load_file(os.path.join(single, "model", "model.safetensors"))
     b = load_file(os.path.join(double, "model", "model.safetensors"))
     worst = max(float((a[k] - b[k]).abs().max() / max(1.0, float(a[k].abs().max()))) for k in a)

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
 
 from nanoseek.data.corpus import build, scaled
 from nanoseek.data.corpus import tiny as tiny_corpus
@@ -26,3 +29,22 @@ def pretrain_args(data, tok, out, steps=6, *extra) -> list[str]:
     return ["pretrain", "--data", data, "--tokenizer", tok, "--out", out, *TINY_MODEL, "--steps", str(steps),
             "--seq-len", "32", "--batch-size", "8", "--micro-batch", "4", "--eval-every", "3",
             "--ckpt-every", "3", "--eval-rows", "8", "--warmup", "2", "--threads", "1", "--no-progress", *extra]
+
+
+TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
+
+
+def torchrun(args: list[str], nproc: int = 2, timeout: float = 300) -> str:
+    """`torchrun --standalone --nproc_per_node N -m nanoseek ARGS` (1 thread a rank); its output.
+    Own session, so a hung run is killed with its workers; fails the test on a non-zero exit."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([TORCHRUN, "--standalone", "--nproc_per_node", str(nproc), "-m", "nanoseek", *args],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        log = proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert proc.returncode == 0, log[-3000:]
+    return log

@@ -2,19 +2,13 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from nanoseek.cli import main as cli_main
-from tests.train.fixtures import make_corpus, pretrain_args
-
-TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
-
+from tests.train.fixtures import TORCHRUN, make_corpus, pretrain_args, torchrun
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
@@ -32,16 +26,7 @@ def test_two_gloo_ranks_equal_one_process(single, parallel):
     root, data, tok, ref = single
     out = os.path.join(root, parallel)
     args = pretrain_args(data, tok, out, 4, "--micro-batch", "2", "--no-plots", "--parallel", parallel)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # --standalone: a free port; own session, so a hung run is killed with its workers
-    proc = subprocess.Popen([TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "nanoseek", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        log = proc.communicate(timeout=300)[0]
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
-    assert proc.returncode == 0, log[-3000:]
+    torchrun(args)
     got = load_file(os.path.join(out, "model", "model.safetensors"))
     assert got.keys() == ref.keys()
     # max |a − b| / max(1, max |a|) per tensor (the Foundation's parity measure), router biases included
