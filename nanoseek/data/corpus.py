@@ -116,12 +116,13 @@ def r1zero() -> CorpusPreset:
     tiny base wrote `12 * 7 = 85` and miscopied operands, so RL had nothing to select): single-digit
     operands (a step is one of ~1,000 facts, each seen dozens of times in pretraining), chains of
     2–5 operations so that plain step by step still slips now and then, products by 2..9 in a fifth
-    of the operations; RL and evaluation on arithmetic only. The guessing style keeps its single
-    opening and the largest share, so base pass@1 at T = 0.6 stays low."""
+    of the operations, the expression restated at the top of each worked trace (tasks/arithmetic.py:
+    without it the base invented its operands); RL and evaluation on arithmetic only. The guessing
+    style keeps its single opening and the largest share, so base pass@1 at T = 0.6 stays low."""
     p = tiny()
     p.name = "r1zero"
     p.tasks = {"arithmetic": 0.85, "linear": 0.15}
-    p.knobs = {"arithmetic": {"steps": [2, 5], "digits": 1, "mul": 0.2},
+    p.knobs = {"arithmetic": {"steps": [2, 5], "digits": 1, "mul": 0.2, "restate": True},
                "linear": {"coef": 5, "x_max": 10, "both_sides": 0.3},
                "countdown": {"numbers": [3, 3], "max_number": 9, "max_target": 50}}
     p.rl_tasks = {"arithmetic": 1.0}

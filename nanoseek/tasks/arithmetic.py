@@ -10,6 +10,12 @@ per line. A slip is a near miss (off by 1, 2, 10 or 20). The check style catches
 route, so the check is real verification and not a copy of the step:
     a + b = w  ->  w - b = r, not a          a - b = w  ->  w + b = r, not a
     a * b = w  ->  (a - a%10) * b + (a%10) * b = t, not w     (one digit: b * a = t)
+`restate` (off by default) writes the expression again right after the opening ("We compute
+37 + 48 - 12 * 3."): measured on a 4M model pretrained 800 steps on single-digit chains, traces
+without it invented their operands (65 % of the written steps were right arithmetic, but the
+numbers were rarely the question's: pass@1 2.5 % at T = 0.6), because each step has to fetch the
+next operand from the prompt; with the expression copied once as a contiguous span next to the
+steps, each operand is a few tokens away.
 Why products: the pilot's +/- chains of 3–5 operations were too easy (step by step was almost
 always right, so checking never paid and RL had no reason to grow reflection); a product per
 chain and two-digit operands make plain step by step fail often enough for checking to matter.
@@ -29,6 +35,7 @@ P = Phrases({
             "zh": "{calc}，不是 {want}。所以 {a} {op} {b} = {c}。"},
     "good": {"en": "Check: {calc}. Good.", "zh": "检查：{calc}，对。"},
     "recap": {"en": "{e} = {x}.", "zh": "{e} = {x}。"},
+    "restate": {"en": "We compute {e}.", "zh": "算式：{e}。"},
 })
 
 
@@ -77,9 +84,10 @@ class Arithmetic(Task):
     name = "arithmetic"
 
     def __init__(self, steps: tuple[int, int] = (3, 5), digits: int = 2, mul: float = 0.3,
-                 lang: str = "en"):
-        super().__init__(steps=list(steps), digits=digits, mul=mul, lang=lang)
-        self.steps, self.digits, self.mul, self.lang = tuple(steps), digits, mul, lang
+                 lang: str = "en", restate: bool = False):
+        # `restate` is recorded only when on, so the knobs (and corpora) of earlier presets stay as they were
+        super().__init__(steps=list(steps), digits=digits, mul=mul, lang=lang, **({"restate": True} if restate else {}))
+        self.steps, self.digits, self.mul, self.lang, self.restate = tuple(steps), digits, mul, lang, restate
 
     def _operand(self, rng: random.Random) -> int:
         lo = 10 ** (self.digits - 1) if self.digits > 1 else 1
@@ -113,7 +121,7 @@ class Arithmetic(Task):
         ts = terms(nums, ops)
         n_steps = sum(len(fs) - 1 for _, fs in ts) + len(ts) - 1
         slip = rng.randrange(n_steps) if style in ("mistake", "check") else -1
-        lines = [opts.opening]
+        lines = [opts.opening] + ([P("restate", lang, rng, e=e)] if self.restate else [])
         final = self._walk(ts, slip, style, lang, rng, opts.verify, lines)
         lines.append(COMMON("so", lang, rng, x=final))
         summary = recap(final) + "\n" + COMMON("boxed", lang, rng, x=final)
