@@ -38,7 +38,7 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
-from nanoseek.eval.metrics import cons_at_k, majority_vote, mean_pass_at_k, pass_at_1, pass_k_ladder
+from nanoseek.eval.metrics import cons_at_k, majority_vote, mean_pass_at_k, pass_at_1, pass_k_ladder, step_accuracy
 from nanoseek.rl.rewards import extract_answer
 from nanoseek.tasks import Problem, score_many
 from nanoseek.tokenizer import r1_zero_prompt
@@ -140,8 +140,11 @@ def summarize(records: list[dict], cfg: EvalConfig) -> dict:
         "truncated": sum(f == "length" for r in records for f in r["finish"]) / max(1, len(lengths)),
         "mean_length": statistics.fmean(lengths) if lengths else 0.0,
         "median_length": statistics.median(lengths) if lengths else 0.0,
-        "config": {k_: v for k_, v in asdict(cfg).items() if k_ != "n_problems"},
     })
+    right, written = step_accuracy([t for r in records for t in r["texts"]])
+    if written:                                          # tasks whose traces write "a op b = c" steps
+        out["step_accuracy"], out["steps_per_response"] = right / written, written / max(1, len(lengths))
+    out["config"] = {k_: v for k_, v in asdict(cfg).items() if k_ != "n_problems"}
     return out
 
 

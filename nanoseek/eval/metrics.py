@@ -35,7 +35,7 @@ from collections import Counter
 from typing import Sequence
 
 __all__ = ["pass_at_k", "pass_at_1", "mean_pass_at_k", "num_correct", "normalize", "majority_vote",
-           "cons_at_k", "pass_k_ladder"]
+           "cons_at_k", "pass_k_ladder", "step_accuracy"]
 
 _WS = re.compile(r"\s+")
 
@@ -145,3 +145,24 @@ def cons_at_k(answers: Sequence[Sequence[str | None]], correct: Sequence[Sequenc
         voted = majority_vote(ans)
         hits += voted is not None and any(normalize(a) == voted and s >= 1.0 for a, s in zip(ans, scores))
     return hits / len(answers)
+
+
+_STEP = re.compile(r"(?<![\d.])(-?\d+) ([-+*]) (-?\d+) = (-?\d+)(?!\d|\.\d)")
+
+
+def step_accuracy(texts: Sequence[str]) -> tuple[int, int]:
+    """(right, written): the integer steps "a op b = c" written in the texts and how many are right.
+    What the base model can *carry out* (a diagnostic before RL: RL can only select ways of
+    answering the model already executes; the issue measured `12 * 7 = 85` in the tiny base).
+
+    >>> step_accuracy(["Then 3 + 4 = 7.", "Multiply: 6 * 7 = 41. Then -1 - 2 = -3."])
+    (2, 3)
+    """
+    right = written = 0
+    for text in texts:
+        for a, op, b, c in _STEP.findall(text or ""):
+            a, b, c = int(a), int(b), int(c)
+            right += (a + b if op == "+" else a - b if op == "-" else a * b) == c
+            written += 1
+    return right, written
+

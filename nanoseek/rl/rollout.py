@@ -26,6 +26,7 @@ from functools import partial
 import torch
 
 from nanoseek.engine import SamplingParams
+from nanoseek.eval.metrics import step_accuracy
 from nanoseek.rl import rewards as R
 from nanoseek.tasks import Problem
 from nanoseek.tokenizer import r1_zero_prompt
@@ -110,11 +111,13 @@ def behaviour(roll: Rollout) -> dict:
     lengths = roll.lengths
     reasoning = [R.reasoning_text(t) for t in roll.texts]
     mixed = R.language_consistency(roll.texts, roll.problems)
+    right, written = step_accuracy(roll.texts)
     n = max(1, len(lengths))
     return {"response_len_mean": sum(lengths) / n, "response_len_median": statistics.median(lengths) if lengths else 0,
             "self_check_share": sum(bool(_SELF_CHECK.search(r)) for r in reasoning) / n,
             "language_mixed_share": sum(m < 1.0 for m in mixed) / n,
-            "truncated_share": sum(r == "length" for r in roll.finish_reasons) / n}
+            "truncated_share": sum(r == "length" for r in roll.finish_reasons) / n,
+            "step_accuracy": right / written if written else 0.0}
 
 
 def training_rows(roll: Rollout, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

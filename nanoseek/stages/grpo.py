@@ -65,11 +65,11 @@ def heldout_evaluation(llm, problems, ecfg: EvalConfig, dist):
         llm.clear_prefix_cache()
         n = res["n_problems"]
         local = torch.tensor([n * res.get("pass@1", 0.0), n * res.get(f"cons@{ecfg.k}", 0.0),
-                              n * res.get("mean_length", 0.0), float(n)])
+                              n * res.get("mean_length", 0.0), n * res.get("step_accuracy", 0.0), float(n)])
         tot = dist.all_reduce_sum(local)
-        n_all = max(float(tot[3]), 1.0)
+        n_all = max(float(tot[4]), 1.0)
         return {"heldout_pass@1": float(tot[0]) / n_all, "heldout_cons@k": float(tot[1]) / n_all,
-                "heldout_len": float(tot[2]) / n_all}
+                "heldout_len": float(tot[2]) / n_all, "heldout_step_accuracy": float(tot[3]) / n_all}
 
     return run
 
