@@ -143,11 +143,11 @@ def overlong_mask(finish_reasons: list[str | None]) -> torch.Tensor:
 # ------------------------------------------------------------------ what gets logged
 @torch.no_grad()
 def token_stats(logp, old_logp, mask, eps_low: float, eps_high: float, adv, ref_logp=None) -> dict:
-    """Sums over real tokens (for global averaging): tokens, clipped tokens, k3 (when a reference
-    is given), and −logp (a sampled-token estimate of the entropy)."""
+    """Sums over real tokens (for global averaging): tokens, clipped tokens, and k3 when a
+    reference is given."""
     m = mask.float()
     _, clipped = clipped_surrogate(logp, old_logp, adv, eps_low, eps_high)
-    out = {"tokens": m.sum(), "clipped": (clipped.float() * m).sum(), "neg_logp": (-logp * m).sum()}
+    out = {"tokens": m.sum(), "clipped": (clipped.float() * m).sum()}
     if ref_logp is not None:
         out["k3"] = (k3(logp, ref_logp) * m).sum()
     return out

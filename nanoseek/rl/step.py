@@ -32,6 +32,7 @@ from typing import Callable
 import torch
 
 from nanoseek.rl import grpo, rollout
+from nanoseek.rl.plots import plot_grpo
 from nanoseek.tasks import Problem
 from nanoseek.train import distributed
 from nanoseek.train.config import TrainConfig
@@ -156,18 +157,15 @@ def grpo_stage(cfg: TrainConfig, gcfg: GRPOConfig, policy, optimizer, llm, ref, 
         old = logprobs_no_grad(plain, ids, micro) if gcfg.mu > 1 else None
         ref_lp = logprobs_no_grad(ref, ids, micro) if gcfg.beta and ref is not None else None
         t0 = time.perf_counter()
-        sums: dict[str, float] = {}
-        for it in range(gcfg.mu):
-            got = update(policy, optimizer, ids, mask, adv, old, ref_lp, loss_fn, clip, cfg, dist, micro, num_seqs,
-                         num_tokens)
-            if it == 0:
-                sums = got
+        for _ in range(gcfg.mu):        # the last update's statistics are logged (with μ > 1, ρ ≠ 1 there)
+            sums = update(policy, optimizer, ids, mask, adv, old, ref_lp, loss_fn, clip, cfg, dist, micro, num_seqs,
+                          num_tokens)
         llm.clear_prefix_cache()                                  # its KV came from the old weights
         train_s = time.perf_counter() - t0
         return record(roll, sums, local, train_s, dist), gcfg.prompts_per_step
 
     return Stage("grpo", step=step, evaluate=evaluate, progress_keys=("reward", "accuracy", "response_len_mean"),
-                 summary_keys=["reward", "accuracy", "response_len_mean", "self_check_share"], plot=None)
+                 summary_keys=["reward", "accuracy", "response_len_mean", "self_check_share"], plot=plot_grpo)
 
 
 def record(roll: rollout.Rollout, sums: dict, local: torch.Tensor, train_s: float, dist) -> dict:
@@ -175,7 +173,7 @@ def record(roll: rollout.Rollout, sums: dict, local: torch.Tensor, train_s: floa
     n = float(len(roll.texts))
     keys = sorted(roll.rewards)
     beh = rollout.behaviour(roll)
-    stat_keys = ["tokens", "clipped", "neg_logp", "entropy", "loss"] + (["k3"] if "k3" in sums else [])
+    stat_keys = ["tokens", "clipped", "entropy", "loss"] + (["k3"] if "k3" in sums else [])
     vec = torch.tensor([n, train_s] + [float(roll.rewards[k].sum()) for k in keys] + [beh[k] * n for k in sorted(beh)]
                        + [sums[k] for k in stat_keys] + [float(local[3]), float(local[4])])
     tot = dist.all_reduce_sum(vec).tolist()

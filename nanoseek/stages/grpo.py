@@ -28,7 +28,6 @@ from nanoseek.engine import LLM
 from nanoseek.eval.evaluate import EvalConfig, evaluate
 from nanoseek.eval.problems import read_problem_file
 from nanoseek.flags import add_dataclass_arguments, from_args
-from nanoseek.rl.plots import plot_grpo
 from nanoseek.rl.step import GRPOConfig, grpo_stage
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train import distributed, loop
@@ -100,7 +99,6 @@ def main(args) -> int:
                       seed=cfg.seed, n_problems=len(eval_problems))
     stage = grpo_stage(cfg, gcfg, model, optimizer, llm, ref, lambda g: rl_problems[order(g)], dist,
                        heldout_evaluation(llm, eval_problems, ecfg, dist))
-    stage.plot = plot_grpo
     stage.epoch = lambda position: position / len(rl_problems)
     dist.print0(f"grpo from {init}: {len(rl_problems)} prompts, {gcfg.prompts_per_step} × G={gcfg.group_size} per "
                 f"step, {gcfg.objective}, β={gcfg.beta}, μ={gcfg.mu}, lr {cfg.lr}; held-out {len(eval_problems)} × "
