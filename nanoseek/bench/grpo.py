@@ -36,9 +36,16 @@ need a --precision there), so step_best_vs_trl_defaults uses nanoseek fp32. `nan
 `bf16_update_vs_trl_defaults` (figures, not ratios) preview bf16 autocast around `update()` (done
 here, by the benchmark; rollout stays fp32); `--skip-bf16` drops it.
 
-Measured: not yet on a quiet machine (`nanoseek bench grpo --json`, a few minutes). Smoke run only
-(busy machine, 1 thread, 2 prompts × 4 × 8 tokens: meaningless as figures): it runs end to end and
-TRL's quirks are handled: bf16 on CPU needs `use_cpu=True` (else transformers refuses bf16), and
+Measured (2026-11-30, quiet machine, 2 threads; an AVX2 EPYC without bf16 kernels, where a bf16
+matmul runs at ~0.8 GFLOP/s): `nanoseek bench grpo --json --reps 3 --warmup 1 --skip-bf16`
+    trl_fp32 6.31 s/step (generate 3.51)   nanoseek fp32 4.37 s/step (rollout 2.11, update 2.25)
+    step_fp32_vs_trl_fp32 1.44             trl_defaults (bf16 autocast + checkpointing) 43.0 s/step
+    step_best_vs_trl_defaults 9.19 — inflated here by the emulated bf16 of TRL's CPU defaults; on
+    the AVX-512-BF16 machine of cpu_facts §10 those defaults took ~3 s, so expect ~0.7× there.
+What bounds nanoseek's step: half is rollout (64 decode steps of 128 sequences through the eager
+engine: the per-step op count, see the engine-speed issue), half the update (forward + backward of
+128 × ~84 tokens in fp32, at the model's training MFU). Both sides generate exactly 64 tokens.
+TRL quirks handled: bf16 on CPU needs `use_cpu=True` (else transformers refuses bf16), and
 Trainer prints its log dict on stdout (redirected to stderr so `--json` stays one object).
 """
 from __future__ import annotations
