@@ -40,8 +40,8 @@ Measured (2026-11-30, quiet machine, 2 threads; an AVX2 EPYC without bf16 kernel
 matmul runs at ~0.8 GFLOP/s): `nanoseek bench grpo --json --reps 3 --warmup 1 --skip-bf16`
     trl_fp32 6.31 s/step (generate 3.51)   nanoseek fp32 4.37 s/step (rollout 2.11, update 2.25)
     step_fp32_vs_trl_fp32 1.44             trl_defaults (bf16 autocast + checkpointing) 43.0 s/step
-    step_best_vs_trl_defaults 9.19 — inflated here by the emulated bf16 of TRL's CPU defaults; on
-    the AVX-512-BF16 machine of cpu_facts §10 those defaults took ~3 s, so expect ~0.7× there.
+    step_best_vs_trl_defaults 9.19 — inflated here by the emulated bf16 of TRL's CPU defaults (on
+    the AVX-512-BF16 machine of cpu_facts §10 they took ~3 s a step): rerun there before quoting it.
 What bounds nanoseek's step: half is rollout (64 decode steps of 128 sequences through the eager
 engine: the per-step op count, see the engine-speed issue), half the update (forward + backward of
 128 × ~84 tokens in fp32, at the model's training MFU). Both sides generate exactly 64 tokens.
