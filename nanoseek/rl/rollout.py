@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import re
 import statistics
+import time
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -74,7 +75,6 @@ class Rollout:
 def generate(llm, problems: list[Problem], group_size: int, template: str, temperature: float, top_p: float,
              max_tokens: int, seed: int, step: int, first_index: int) -> Rollout:
     """G completions for each problem (problem k has global index first_index + k)."""
-    import time
     prompts = [prompt_text(p, template, llm.tokenizer) for p in problems]
     params = [SamplingParams(n=group_size, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
                              seed=request_seed(seed, step, first_index + k)) for k in range(len(problems))]

@@ -153,7 +153,8 @@ def grpo_stage(cfg: TrainConfig, gcfg: GRPOConfig, policy, optimizer, llm, ref, 
         mask = mask & keep.bool()[:, None]
         local = torch.tensor([float(keep.sum()), float(mask.sum()), float(len(ids)), float(sum(roll.lengths)),
                               roll.seconds])
-        num_seqs, num_tokens, _, _, _ = dist.all_reduce_sum(local.clone()).clamp(min=1).tolist()
+        num_seqs, num_tokens, _, gen_tokens, gen_s = dist.all_reduce_sum(local).tolist()
+        num_seqs, num_tokens = max(num_seqs, 1.0), max(num_tokens, 1.0)
         old = logprobs_no_grad(plain, ids, micro) if gcfg.mu > 1 else None
         ref_lp = logprobs_no_grad(ref, ids, micro) if gcfg.beta and ref is not None else None
         t0 = time.perf_counter()
@@ -162,27 +163,27 @@ def grpo_stage(cfg: TrainConfig, gcfg: GRPOConfig, policy, optimizer, llm, ref, 
                           num_tokens)
         llm.clear_prefix_cache()                                  # its KV came from the old weights
         train_s = time.perf_counter() - t0
-        return record(roll, sums, local, train_s, dist), gcfg.prompts_per_step
+        return record(roll, sums, gen_tokens, gen_s / dist.world, train_s, dist), gcfg.prompts_per_step
 
     return Stage("grpo", step=step, evaluate=evaluate, progress_keys=("reward", "accuracy", "response_len_mean"),
                  summary_keys=["reward", "accuracy", "response_len_mean", "self_check_share"], plot=plot_grpo)
 
 
-def record(roll: rollout.Rollout, sums: dict, local: torch.Tensor, train_s: float, dist) -> dict:
-    """The step's metrics, averaged over all ranks (one all-reduce of sums)."""
+def record(roll: rollout.Rollout, sums: dict, gen_tokens: float, gen_s: float, train_s: float, dist) -> dict:
+    """The step's metrics, averaged over all ranks (one all-reduce of sums). `gen_tokens` (all
+    ranks) and `gen_s` (mean rollout seconds) are already global."""
     n = float(len(roll.texts))
     keys = sorted(roll.rewards)
     beh = rollout.behaviour(roll)
     stat_keys = ["tokens", "clipped", "entropy", "loss"] + (["k3"] if "k3" in sums else [])
     vec = torch.tensor([n, train_s] + [float(roll.rewards[k].sum()) for k in keys] + [beh[k] * n for k in sorted(beh)]
-                       + [sums[k] for k in stat_keys] + [float(local[3]), float(local[4])])
+                       + [sums[k] for k in stat_keys])
     tot = dist.all_reduce_sum(vec).tolist()
     N, T = tot[0], max(tot[2 + len(keys) + len(beh) + 0], 1.0)
     it = iter(tot[2:])
     rec = {("reward" if k == "total" else k): next(it) / N for k in keys}
     rec.update({k: next(it) / N for k in sorted(beh)})
     st = {k: next(it) for k in stat_keys}
-    gen_tokens, gen_s = next(it), next(it) / dist.world
     rec.update({"clip_frac": st["clipped"] / T, "entropy": st["entropy"] / T, "loss": st["loss"],
                 "grad_norm": sums["grad_norm"], "tokens": int(st["tokens"]),
                 "rollout_tokens_per_s": gen_tokens / max(gen_s, 1e-9),
