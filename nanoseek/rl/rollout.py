@@ -35,7 +35,7 @@ from nanoseek.tokenizer import r1_zero_prompt
 # Phrases that mark a response checking itself (R1's "aha": "Wait, wait. … let's reevaluate"),
 # matched case-insensitively anywhere in the reasoning; the corpus's own check style
 # (tasks.base.REFLECT_MARKERS: "Wait, let me check" / "等等，让我检查一下") is covered by them.
-SELF_CHECK = ("wait", "let me check", "let me verify", "double-check", "double check", "re-check", "recheck",
+SELF_CHECK = ("wait", "let me check", "check:", "let me verify", "double-check", "double check", "re-check", "recheck",
               "reevaluate", "re-evaluate", "检查", "验算", "验证", "等等")
 _SELF_CHECK = re.compile("|".join(re.escape(m) for m in SELF_CHECK), re.IGNORECASE)
 

@@ -10,6 +10,14 @@ per line. A slip is a near miss (off by 1, 2, 10 or 20). The check style catches
 route, so the check is real verification and not a copy of the step:
     a + b = w  ->  w - b = r, not a          a - b = w  ->  w + b = r, not a
     a * b = w  ->  (a - a%10) * b + (a%10) * b = t, not w     (one digit: b * a = t)
+`running` (off by default) writes the trace as a rewriting of the expression, one operation a line,
+each line ending in what is left ("We compute 9 - 3 * 2 + 7." / "3 * 2 = 6, leaving 9 - 6 + 7." /
+"9 - 6 = 3, leaving 3 + 7." / "3 + 7 = 10."): the operands of a step are always the first ones
+(or the product's) of the line just above, a few tokens back, instead of the k-th operand of an
+expression further up that the model has to keep count of. A slip carries into what is left; the
+check style catches it inside the line ("3 + 7 = 11. Wait, let me check: 11 - 7 = 4, not 3. So
+3 + 7 = 10, leaving ...") and `verify` re-checks a correct step the same way ("... Check: 10 - 7 =
+3. Good, leaving ...").
 `restate` (off by default) writes the expression again right after the opening ("We compute
 37 + 48 - 12 * 3."): measured on a 4M model pretrained 800 steps on single-digit chains, traces
 without it invented their operands (65 % of the written steps were right arithmetic, but the
@@ -36,6 +44,12 @@ P = Phrases({
     "good": {"en": "Check: {calc}. Good.", "zh": "检查：{calc}，对。"},
     "recap": {"en": "{e} = {x}.", "zh": "{e} = {x}。"},
     "restate": {"en": "We compute {e}.", "zh": "算式：{e}。"},
+    # the running form (`running=True`): each step rewrites what is left of the expression
+    "leave": {"en": ", leaving {e}.", "zh": "，剩下 {e}。"},
+    "end": {"en": ".", "zh": "。"},
+    "good2": {"en": ". Check: {calc}. Good", "zh": "。检查：{calc}，对"},
+    "fix": {"en": ". {wait} {calc}, not {want}. So {a} {op} {b} = {c}",
+            "zh": "。{wait}{calc}，不是 {want}。所以 {a} {op} {b} = {c}"},
 })
 
 
@@ -84,10 +98,13 @@ class Arithmetic(Task):
     name = "arithmetic"
 
     def __init__(self, steps: tuple[int, int] = (3, 5), digits: int = 2, mul: float = 0.3,
-                 lang: str = "en", restate: bool = False):
-        # `restate` is recorded only when on, so the knobs (and corpora) of earlier presets stay as they were
-        super().__init__(steps=list(steps), digits=digits, mul=mul, lang=lang, **({"restate": True} if restate else {}))
-        self.steps, self.digits, self.mul, self.lang, self.restate = tuple(steps), digits, mul, lang, restate
+                 lang: str = "en", restate: bool = False, running: bool = False):
+        # `restate`/`running` are recorded only when on, so the knobs (and corpora) of earlier presets
+        # stay as they were
+        extra = {k: True for k, on in (("restate", restate), ("running", running)) if on}
+        super().__init__(steps=list(steps), digits=digits, mul=mul, lang=lang, **extra)
+        self.steps, self.digits, self.mul, self.lang = tuple(steps), digits, mul, lang
+        self.restate, self.running = restate, running
 
     def _operand(self, rng: random.Random) -> int:
         lo = 10 ** (self.digits - 1) if self.digits > 1 else 1
@@ -121,8 +138,11 @@ class Arithmetic(Task):
         ts = terms(nums, ops)
         n_steps = sum(len(fs) - 1 for _, fs in ts) + len(ts) - 1
         slip = rng.randrange(n_steps) if style in ("mistake", "check") else -1
-        lines = [opts.opening] + ([P("restate", lang, rng, e=e)] if self.restate else [])
-        final = self._walk(ts, slip, style, lang, rng, opts.verify, lines)
+        lines = [opts.opening] + ([P("restate", lang, rng, e=e)] if self.restate or self.running else [])
+        if self.running:
+            final = self._walk_running(list(nums), list(ops), slip, style, lang, rng, opts.verify, lines)
+        else:
+            final = self._walk(ts, slip, style, lang, rng, opts.verify, lines)
         lines.append(COMMON("so", lang, rng, x=final))
         summary = recap(final) + "\n" + COMMON("boxed", lang, rng, x=final)
         return Worked("\n".join(lines), str(final), summary, final == x)
@@ -160,6 +180,29 @@ class Arithmetic(Task):
         for (sign, _), v in zip(ts[1:], values[1:]):
             acc = step("add", acc, "+" if sign > 0 else "-", v)
         return acc
+
+    def _walk_running(self, nums: list[int], ops: list[str], slip: int, style: str, lang: str,
+                      rng: random.Random, verify: float, lines: list[str]) -> int:
+        """The running form: reduce the leftmost product, else the leftmost operation, a line each."""
+        i = 0
+        while ops:
+            k = ops.index("*") if "*" in ops else 0
+            a, op, b = nums[k], ops[k], nums[k + 1]
+            true = a + b if op == "+" else a - b if op == "-" else a * b
+            wrote = near_miss(true, rng) if i == slip else true
+            calc, want = recheck(a, op, b, wrote)
+            line = f"{a} {op} {b} = {wrote}"
+            if i == slip and style == "check":
+                line += P("fix", lang, rng, wait=COMMON("wait", lang, rng), calc=calc, want=want,
+                          a=a, op=op, b=b, c=true)
+                wrote = true
+            elif i != slip and style == "check" and rng.random() < verify:
+                line += P("good2", lang, rng, calc=calc)
+            nums[k:k + 2], ops[k:k + 1] = [wrote], []
+            line += P("leave", lang, rng, e=expression(nums, ops)) if ops else P("end", lang, rng)
+            lines.append(line)
+            i += 1
+        return nums[0]
 
     def drill(self, rng: random.Random, lang: str | None = None, lines: int = 8) -> str:
         """True one-operation facts of the kinds the traces use (language-free)."""

@@ -7,7 +7,7 @@ import pytest
 
 from nanoseek.cli import main as cli_main
 from nanoseek.rl.rewards import format, language_consistency
-from nanoseek.data.corpus import build, scaled, tiny
+from nanoseek.data.corpus import build, r1zero, scaled, tiny
 from nanoseek.tasks import Problem, score
 from nanoseek.tokenizer import BOS, EOS, Tokenizer
 
@@ -67,6 +67,20 @@ def test_pretraining_documents(corpus):
             assert d["correct"]
         if d["style"] == "mistake":
             assert not d["correct"]
+
+
+def test_r1zero_preset(tmp_path):
+    """The R1-Zero preset: running-form arithmetic traces, the template's preamble on a share of
+    the R1-Zero documents only (the rest start at "User: "), every document still well formed."""
+    m = build(scaled(r1zero(), 0.01), tmp_path, seed=0)
+    assert m["preset"]["template"] == 0.3
+    docs = [d for d in read(tmp_path / "pretrain/train-00000.jsonl") if d["format"] == "r1zero"]
+    full = [d for d in docs if d["text"].startswith("A conversation between User and Assistant.")]
+    short = [d for d in docs if d["text"].startswith("User: ")]
+    assert len(full) + len(short) == len(docs) and 0.15 < len(full) / len(docs) < 0.45
+    assert all(format([d["text"].split(" Assistant:")[1]]) == [1.0] for d in docs)
+    steps = [d["text"] for d in docs if d["task"] == "arithmetic" and d["style"] == "steps"]
+    assert steps and all(", leaving " in t or "，剩下 " in t or t.count(" = ") == 1 for t in steps)
 
 
 def test_sft_conversations(corpus):

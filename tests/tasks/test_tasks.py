@@ -24,9 +24,9 @@ def test_base_doctests():
     assert doctest.testmod(nanoseek.tasks.base).failed == 0
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", FAMILIES + ["arithmetic-running"])
 def test_traces_score_as_their_style(name):
-    task = get_task(name)
+    task = get_task("arithmetic", running=True) if name == "arithmetic-running" else get_task(name)
     for seed in range(60):
         rng = random.Random(seed)
         for lang in LANGS + ("mix",):
@@ -100,6 +100,37 @@ def test_difficulty_knobs():
                                           if op != "*")
     easy = get_task("arithmetic", steps=(1, 1), digits=1, mul=0.0)
     assert all(len(easy.sample(rng).meta["ops"]) == 1 for _ in range(10))
+
+
+def test_running_form_rewrites_what_is_left():
+    """The running form: every line is one true operation on the first (or the product's) operands
+    of what the line above left, and what it leaves evaluates to the answer (slips aside)."""
+    from nanoseek.tasks.arithmetic import evaluate
+    task = get_task("arithmetic", steps=(2, 5), digits=1, mul=0.3, running=True)
+    assert task.knobs["running"] is True and "running" not in get_task("arithmetic").knobs
+    rng = random.Random(0)
+    for _ in range(200):
+        p = task.sample(rng, lang="en")
+        nums, ops = list(p.meta["nums"]), list(p.meta["ops"])
+        w = task.worked(p, rng, "steps", "en")
+        lines = w.thinking.split("\n")
+        assert lines[1] == f"We compute {p.prompt[len('What is '):-1]}."
+        for line in lines[2:-1]:
+            head, _, left = line.rstrip(".").partition(", leaving ")
+            a, op, b, _, c = head.split(" ")
+            k = ops.index("*") if "*" in ops else 0
+            assert (int(a), op, int(b)) == (nums[k], ops[k], nums[k + 1]), (line, nums, ops)
+            nums[k:k + 2], ops[k:k + 1] = [int(c)], []
+            assert int(c) == evaluate([int(a), int(b)], [op])
+            if ops:
+                parts = left.split(" ")
+                assert [int(x) for x in parts[::2]] == nums and parts[1::2] == ops
+                assert evaluate(nums, ops) == int(p.answer)
+        assert not ops and nums == [int(p.answer)] and w.correct
+    # a caught slip is corrected inside its line, and what is left carries the corrected value
+    w = next(w for w in (task.worked(task.sample(rng, lang="en"), rng, "check", "en", verify=1.0)
+                         for _ in range(50)) if "Check: " in w.thinking)
+    assert w.correct and "Wait, let me check: " in w.thinking and ". Good" in w.thinking
 
 
 def test_countdown_checker():
