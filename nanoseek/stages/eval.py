@@ -3,6 +3,9 @@
     nanoseek eval --model runs/tiny/model --task arithmetic                 # 64 held-out problems x 16
     nanoseek eval --model runs/tiny/r1 --data runs/tiny/corpus/problems/eval.jsonl --template chat
     nanoseek eval --model DIR --task gym:chain_sum --k 4 --json --records samples.jsonl
+    nanoseek eval --base-url http://127.0.0.1:8000/v1 --model nanoseek --task arithmetic --template chat
+    nanoseek eval --base-url https://api.deepseek.com --model deepseek-reasoner --api-key $KEY \
+                  --data aime.jsonl --template chat --n-per-request 1 --max-tokens 32768
 
 Any directory `nanoseek.load_pretrained` reads, with its tokenizer.json. Problems come from
 nanoseek/eval/problems.py (a task's held-out split, reasoning-gym, a corpus or benchmark JSONL
@@ -10,10 +13,18 @@ file), sampling and metrics from nanoseek/eval/evaluate.py (one engine batch of 
 problem at T = 0.6, top-p 0.95). Prints a short table, or one JSON object with --json;
 --records writes one JSON line per problem (every completion, its answer and score). Progress
 goes to stderr: the engine runs all problems as one batch, so there is no per-problem bar.
+
+With --base-url the samples come from an OpenAI-compatible server instead (ours, vLLM,
+DeepSeek's API; nanoseek/eval/remote.py): --model is then the served model name, not a
+directory; --concurrency bounds the requests in flight, failed requests (429, 5xx, connection
+errors) are retried with exponential backoff, and the key comes from --api-key,
+$NANOSEEK_API_KEY or $OPENAI_API_KEY. Same prompts, seeds, extraction and metrics: at T = 0
+against `nanoseek serve` it gives in-process `nanoseek eval`'s answers, problem for problem.
 """
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -22,7 +33,9 @@ from nanoseek.flags import add_dataclass_arguments, from_args
 
 def add_arguments(p) -> None:
     from nanoseek.eval.evaluate import EvalConfig
-    p.add_argument("--model", required=True, help="checkpoint directory (config.json, safetensors, tokenizer.json)")
+    from nanoseek.eval.remote import RemoteConfig
+    p.add_argument("--model", required=True, help="checkpoint directory (config.json, safetensors, tokenizer.json); "
+                                                   "with --base-url, the served model name")
     p.add_argument("--task", default=None, help="arithmetic | countdown | linear (held-out split), gym:<dataset>, "
                                                 "or a .jsonl file; with --data: keep only this task's problems")
     p.add_argument("--data", default=None, help="problems file: a corpus problems/*.jsonl or a GSM8K / MATH / "
@@ -35,6 +48,11 @@ def add_arguments(p) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--records", default=None, help="write per-problem records (completions, answers, scores) "
                                                    "to this JSONL file")
+    p.add_argument("--base-url", default=None, help="evaluate an OpenAI-compatible server at this base URL "
+                                                    "(e.g. http://127.0.0.1:8000/v1) instead of a checkpoint")
+    p.add_argument("--api-key", default=os.environ.get("NANOSEEK_API_KEY") or os.environ.get("OPENAI_API_KEY"),
+                   help="with --base-url: the server's API key (default $NANOSEEK_API_KEY, else $OPENAI_API_KEY)")
+    add_dataclass_arguments(p, RemoteConfig, skip=("base_url", "model", "api_key"))
 
 
 def log(msg: str) -> None:
@@ -55,7 +73,6 @@ def table(result: dict, name: str) -> str:
 
 
 def main(args) -> int:
-    from nanoseek.engine import LLM
     from nanoseek.eval.evaluate import EvalConfig, evaluate
     from nanoseek.eval.problems import load_problems
     cfg = from_args(EvalConfig, args)
@@ -67,6 +84,9 @@ def main(args) -> int:
     if not problems:
         log(f"nanoseek eval: no problems for {name}")
         return 2
+    if args.base_url:
+        return main_remote(args, cfg, problems, name)
+    from nanoseek.engine import LLM                # here: a remote evaluation needs no torch
     log(f"loading {args.model}")
     llm = LLM(args.model, dtype=args.dtype)
     if llm.tokenizer is None:
@@ -79,6 +99,35 @@ def main(args) -> int:
     records = result.pop("records", None)
     result.update(model=args.model, task=args.task, data=args.data, seconds=round(seconds, 2))
     log(f"done in {seconds:.1f} s ({llm.counters['generated_tokens'] / max(seconds, 1e-9):.0f} tokens/s)")
+    return finish(args, result, records, name)
+
+
+def main_remote(args, cfg, problems, name: str) -> int:
+    from nanoseek.eval.remote import RemoteConfig, RemoteError, evaluate_remote
+    remote = from_args(RemoteConfig, args)
+    step = max(1, len(problems) // 10)
+
+    def progress(done: int, total: int) -> None:
+        if done % step == 0 or done == total:
+            log(f"  {done}/{total} problems")
+    log(f"sampling {len(problems)} problems x {cfg.k} from {remote.base_url} ({remote.model}), "
+        f"<= {remote.concurrency} requests at a time…")
+    t0 = time.perf_counter()
+    try:
+        result = evaluate_remote(problems, cfg, remote, with_records=args.records is not None, progress=progress)
+    except RemoteError as e:
+        log(f"nanoseek eval: {e}")
+        return 1
+    seconds = time.perf_counter() - t0
+    records = result.pop("records", None)
+    result.update(model=args.model, task=args.task, data=args.data, seconds=round(seconds, 2))
+    r = result["remote"]
+    log(f"done in {seconds:.1f} s: {r['requests']} requests, {r['retries']} retries, "
+        f"{r['completion_tokens'] / max(seconds, 1e-9):.0f} tokens/s ({r['reasoning_tokens']} reasoning tokens)")
+    return finish(args, result, records, name)
+
+
+def finish(args, result: dict, records, name: str) -> int:
     if records is not None:
         with open(args.records, "w", encoding="utf-8") as f:
             for r in records:
