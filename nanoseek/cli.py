@@ -19,11 +19,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("nanoseek.stages.pretrain", "pretrain a model on the corpus"),
     "sft": ("nanoseek.stages.sft", "supervised fine-tuning on conversations"),
     "grpo": ("nanoseek.stages.grpo", "reinforcement learning from rule rewards (GRPO; R1-Zero from a base model)"),
+    "rejection-sample": ("nanoseek.stages.rejection_sample",
+                         "k samples per prompt, the verified and readable ones kept as an SFT corpus (R1 stage 3)"),
+    "distill": ("nanoseek.stages.distill", "SFT of a small dense student on a teacher's verified traces (R1 §2.4)"),
     "eval": ("nanoseek.stages.eval", "R1-style evaluation: pass@1 over k samples, cons@k, pass@k"),
     "speedrun": ("nanoseek.stages.speedrun", "the main job: every stage end to end on the tiny preset"),
     "generate": ("nanoseek.stages.generate", "generate text from a checkpoint directory"),
     "chat": ("nanoseek.stages.chat", "chat with a checkpoint in the terminal"),
-    "bench": ("nanoseek.bench", "side-by-side benchmarks against the anchors (model, engine, fp8, …)"),
+    "serve": ("nanoseek.stages.serve", "DeepSeek/OpenAI-compatible API server and chat page"),
+    "bench": ("nanoseek.bench", "side-by-side benchmarks against the anchors (model, engine, fp8, grpo, serve)"),
     "params": ("nanoseek.stages.params", "count total and activated parameters of a config"),
 }
 

@@ -3,7 +3,8 @@
     nanoseek sft --init runs/tiny/pretrain/model --data runs/tiny/corpus --out runs/tiny/sft
     torchrun --nproc_per_node 2 -m nanoseek sft …
 
-Only flags and wiring, like pretrain; the loop is train/loop.py, the step train/step.py. Data:
+Only flags: the wiring is train/sft.py's `run_sft` (shared with `nanoseek distill`), the loop
+train/loop.py, the step train/step.py. Data:
 `sft/train-*.jsonl` ({"messages": [...]}, or --train-files) through
 `Tokenizer.encode_conversation`, which masks everything but the final assistant turn (its
 reasoning, answer and EOS). Conversations are packed into rows of --seq-len + 1 tokens with
@@ -31,19 +32,10 @@ summary.json and the plots, as pretrain does.
 """
 from __future__ import annotations
 
-import math
-
-import torch
-
-from nanoseek.checkpoint import load_pretrained, resolve_model_dir
-from nanoseek.data.packing import ConversationDataset, corpus_files, read_jsonl
+from nanoseek.data.packing import corpus_files
 from nanoseek.flags import add_dataclass_arguments, from_args
-from nanoseek.precision import fp8
-from nanoseek.tokenizer import Tokenizer
-from nanoseek.train import distributed, loop
 from nanoseek.train.config import TrainConfig
-from nanoseek.train.optim import build_optimizer
-from nanoseek.train.step import lm_stage
+from nanoseek.train.sft import run_sft
 
 
 def add_arguments(p) -> None:
@@ -64,31 +56,7 @@ def add_arguments(p) -> None:
 
 def main(args) -> int:
     cfg = from_args(TrainConfig, args)
-    dist = loop.setup(cfg)
-    init = resolve_model_dir(args.init)
-    tok = Tokenizer.load(init)
-    model = load_pretrained(init, dtype=torch.float32).train()
-    D = len(model.mtp) if cfg.mtp_weight > 0 else 0
-    if D == 0:
-        model.mtp.requires_grad_(False)
-    if cfg.precision == "fp8":
-        fp8.convert(model, cfg.fp8_backend)
-    model = distributed.wrap(model, dist, cfg.parallel)
-    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.moments)
-    micro = cfg.micro_rows(dist.world)
     train_files = args.train_files or corpus_files(args.data, "sft", "train")
     heldout_files = args.heldout_files or corpus_files(args.data, "sft", "heldout")
-    data = ConversationDataset(tok, read_jsonl(train_files, "messages"), cfg.seq_len, seed=cfg.seed, pack=args.pack)
-    heldout = ConversationDataset(tok, read_jsonl(heldout_files, "messages"), cfg.seq_len, shuffle=False,
-                                  pack=args.pack)
-    steps = cfg.steps or math.ceil(args.epochs * data.n_rows / cfg.batch_size)
-    layout = f"packed in {data.n_rows} rows of {cfg.seq_len + 1} ({data.fill():.0%} filled)" if args.pack else \
-        "one per row, padded per micro-batch"
-    dist.print0(f"sft from {init}: {data.n_docs} conversations {layout}, {'?' if cfg.minutes else steps} steps of {cfg.batch_size} "
-                f"({micro}/micro × {dist.world} ranks), MTP D={D}, {cfg.precision}")
-
-    stage = lm_stage("sft", cfg, model, optimizer, dist, data, heldout, D)
-    info = {"init": init, "data": args.data, "epochs": args.epochs, "pack": args.pack, "mtp_depth": D}
-    rc = loop.run(cfg, stage, model, optimizer, tok, dist, steps, info)
-    distributed.shutdown(dist)
-    return rc
+    return run_sft(cfg, args.init, train_files, heldout_files, epochs=args.epochs, pack=args.pack,
+                   info={"data": args.data})
