@@ -77,7 +77,7 @@ def test_group_shares_prompt_blocks_and_an_update_clears_the_prefix_cache(base):
         llm.step()
     # a new request for the same prompt hits the cache; after a weight update it must not
     hit = llm.generate([prompt], SamplingParams(max_tokens=2))[0][0]
-    assert hit.cached_prompt_tokens >= 4 * full
+    assert hit.cached_prompt_tokens == 4 * ((len(llm.encode(prompt)) - 1) // 4)  # all but the last token's block
     with torch.no_grad():
         model.lm_head.weight.mul_(1.01)
     llm.update_weights()
