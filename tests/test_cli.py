@@ -39,12 +39,19 @@ def test_console_entry_point_runs():
     assert f"{counts['total']:,}" in out and f"{counts['activated']:,}" in out
 
 
-def test_speedrun_demo_end_to_end(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    assert main(["speedrun", "--steps", "3", "--seq-len", "32", "--batch", "2", "--name", "t"]) == 0
-    from nanoseek import load_pretrained
-    model = load_pretrained(str(tmp_path / "runs" / "t" / "model"))
-    assert len(model.mtp) == 1 and (tmp_path / "runs" / "t" / "model" / "tokenizer.json").exists()
+def test_speedrun_dry_run_prints_every_stage_and_refuses_unknown_ones(tmp_path, capsys):
+    """`nanoseek speedrun --dry-run`: the plan with a budget per stage and every command; runs nothing.
+    (The smoke speedrun itself, killed and resumed, is tests/test_speedrun.py.)"""
+    out = str(tmp_path / "run")
+    assert main(["speedrun", "--preset", "smoke", "--out", out, "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    for stage in ("corpus", "pretrain", "r1zero", "coldstart", "rl1", "rejection", "sft2", "r1", "distill",
+                  "student_rl", "fp8", "eval", "report"):
+        assert f" {stage} " in text, stage
+    assert "total budget" in text and f"nanoseek grpo --init {out}/pretrain/model" in text
+    assert not (tmp_path / "run").exists()
+    assert main(["speedrun", "--preset", "smoke", "--out", out, "--force", "nope"]) == 2
+    assert "unknown stage(s) nope" in capsys.readouterr().err
 
 
 def test_every_registered_command_parses_its_help(capsys):
