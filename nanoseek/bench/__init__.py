@@ -14,9 +14,12 @@ import importlib
 import pkgutil
 
 
+HELPERS = ("common", "loadgen")   # modules the benchmarks share, not benchmarks themselves
+
+
 def available() -> list[str]:
     import nanoseek.bench as pkg
-    return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if m.name != "common")
+    return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if m.name not in HELPERS)
 
 
 def add_arguments(p):
