@@ -42,6 +42,7 @@ load and the scores; `bias_update` is the auxiliary-loss-free sign step (V3 §2.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -104,6 +105,19 @@ class Experts(nn.Module):
 GROUP_PAD = {torch.bfloat16: 64}   # see experts_grouped
 
 
+def eager_under_compile(fn):
+    """`torch.compiler.disable(fn)` made only while torch.compile traces (where dynamo sees
+    is_compiling() as True and calls the disabled function eagerly, one graph break, as the
+    decorator would). The decorator itself imports torch._dynamo: ~3 s of every process's start
+    here, in the many processes that never compile (a speedrun starts 30+)."""
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return torch.compiler.disable(fn)(*args, **kwargs)
+        return fn(*args, **kwargs)
+    return call
+
+
 def _grouped_mm_dtype(experts: Experts, x: torch.Tensor) -> torch.dtype | None:
     """The dtype grouped GEMMs run in here, or None where `experts_grouped` must fall back."""
     if not hasattr(torch, "_grouped_mm") or type(experts).expert is not Experts.expert or x.shape[0] == 0:
@@ -114,7 +128,7 @@ def _grouped_mm_dtype(experts: Experts, x: torch.Tensor) -> torch.dtype | None:
     return dtype if dtype in ok else None
 
 
-@torch.compiler.disable  # data-dependent shapes, and grouped_mm's fake kernel takes only bf16: runs eager
+@eager_under_compile  # data-dependent shapes, and grouped_mm's fake kernel takes only bf16: runs eager
 def experts_grouped(experts: Experts, x, topk_idx, topk_weight) -> torch.Tensor:
     """Fast dispatch with grouped GEMMs. x [N, H], topk_* [N, K] -> [N, H]."""
     dtype = _grouped_mm_dtype(experts, x)
@@ -194,7 +208,7 @@ class MoE(nn.Module):
         return out
 
 
-@torch.compiler.disable  # compiled, guards on the list's length and the layer index would recompile per layer
+@eager_under_compile  # compiled, guards on the list's length and the layer index would recompile per layer
 def _record(stats, moe: MoE, scores: torch.Tensor, topk_idx: torch.Tensor) -> None:
     stats.append(RouterStats(moe.layer_idx, scores, topk_idx))   # loads are counted by the caller
 
