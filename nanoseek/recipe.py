@@ -28,8 +28,8 @@ used by --init flags). Evaluations: OUT/eval/<model>.<benchmark>.json (+ .record
 Done, skipped, resumed, redone (make's rules, on the files themselves). A job is done when its
 marker is there and readable: summary.json of a training run (the loop writes it after the final
 model), the corpus's or the rejection set's manifest.json (written last), the tokenizer's
-chat_template.jinja (the last of its files), an evaluation's JSON (written by the speedrun once
-`nanoseek eval` exited 0). A done job is stale when a stage it reads has a newer marker (its
+chat_template.jinja (the last of its files), a model's evaluations: its last benchmark's JSON
+(`nanoseek eval --bench` writes each whole, in order). A done job is stale when a stage it reads has a newer marker (its
 input was redone), and is then redone from scratch. A job that is not done is run again: when
 its inputs are those it started from (speedrun.json records their time stamp) it continues —
 training stages with --resume, from their newest checkpoint — otherwise its outputs are removed
@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import time
 from dataclasses import dataclass, field
 
@@ -72,8 +73,7 @@ class Job:
     marker: str                    # the file that says it finished
     outputs: tuple[str, ...]       # what it owns: removed before a fresh run
     resume: bool = False           # a training run: add --resume to continue a killed one
-    stdout: str | None = None      # keep its stdout here (`nanoseek eval --json`), the marker
-    label: str = ""                # which one of a stage's jobs (evaluations: "r1.heldout")
+    label: str = ""                # which one of a stage's jobs (evaluations: the model, "r1")
     inputs: tuple[str, ...] | None = None   # stages it reads, when not all of its stage's
 
 
@@ -97,6 +97,8 @@ class Sizes:
     student: tuple[str, ...]       # pretrain flags of the dense student
     grpo: tuple[str, ...]          # flags of every GRPO run
     sft: tuple[str, ...]           # flags of both SFT runs
+    coldstart: tuple[str, ...]     # added to the cold-start SFT's flags
+    rl_eval: tuple[str, ...]       # added to the GRPO runs after R1-Zero (rl1, r1, student_rl)
     rejection: tuple[str, ...]
     distill: tuple[str, ...]
     fp8: tuple[str, ...]           # the FP8 side run: added to the teacher's pretrain flags
@@ -129,6 +131,7 @@ def smoke() -> Sizes:
               "--micro-batch", "16", *quick),
         sft=("--steps", "4", "--seq-len", "128", "--batch-size", "4", "--warmup", "1", "--eval-every", "4",
              "--ckpt-every", "2", "--eval-rows", "4", *quick),
+        coldstart=(), rl_eval=(),
         rejection=("--k", "4", "--problems", "8", "--max-tokens", "32", "--min-conversations", "16", "--threads", "1"),
         distill=("--k", "4", "--problems", "8", "--max-tokens", "32", "--min-conversations", "16",
                  "--steps", "4", "--seq-len", "128", "--batch-size", "4", "--warmup", "1", "--eval-every", "4",
@@ -146,21 +149,23 @@ def smoke() -> Sizes:
 
 def tiny() -> Sizes:
     """The real run on 2 cores: the r1zero corpus, the V3 tiny model 1,650 steps, GRPO 50 steps a run, a
-    dense student 1,000 steps, evaluations of 64 (32 reasoning-gym) problems x 16 samples."""
+    dense student 700 steps, evaluations of 64 (32 reasoning-gym) problems x 16 samples."""
     # lr 2e-4: measured on this base, 5e-5 reached held-out pass@1 0.47 at step 30 against 0.62 (README)
     grpo = ("--steps", "50", "--lr", "2e-4", "--max-tokens", "200", "--eval-problems", "32", "--eval-k", "16",
             "--eval-every", "10")
     return Sizes(
         name="tiny", corpus_scale=1.5, vocab_size=1024,   # 61.5k documents: the README's R1-Zero base
-        teacher=("--steps", "1650"), student=("--steps", "1000"), grpo=grpo, sft=(),
+        teacher=("--steps", "1650"), student=("--steps", "700"), grpo=grpo, sft=(), coldstart=("--epochs", "1"),
+        # only R1-Zero's curve is drawn at every 10 steps; the other RL runs evaluate at 0, 25 and 50
+        rl_eval=("--eval-every", "25"),
         # --min-conversations: a floor of the corpus's own SFT conversations, should RL keep too few
         rejection=("--k", "8", "--problems", "512", "--min-conversations", "64"),
         distill=("--k", "8", "--problems", "512", "--min-conversations", "64"),
-        fp8=("--precision", "fp8", "--steps", "100", "--schedule", "constant", "--eval-every", "100"),
-        eval=("--k", "16", "--max-tokens", "256"), eval_problems=64, gym_problems=32, eval_jobs=2,
-        budgets={"corpus": 10, "tokenizer": 30, "pretrain": 3400, "r1zero": 1000, "coldstart": 1300, "rl1": 1100,
-                 "rejection": 300, "sft2": 300, "r1": 1100, "student_base": 1400, "distill": 600,
-                 "student_rl": 900, "fp8": 600, "eval": 1200, "report": 10},
+        fp8=("--precision", "fp8", "--steps", "60", "--schedule", "constant", "--eval-every", "60"),
+        eval=("--k", "16", "--max-tokens", "200"), eval_problems=64, gym_problems=32, eval_jobs=2,
+        budgets={"corpus": 10, "tokenizer": 30, "pretrain": 3400, "r1zero": 1000, "coldstart": 600, "rl1": 850,
+                 "rejection": 300, "sft2": 300, "r1": 850, "student_base": 1000, "distill": 600,
+                 "student_rl": 750, "fp8": 360, "eval": 1200, "report": 10},
         budget_note=("estimated from runs on this 2-core machine, 2026-11-30: pretraining 1,650 steps in 3,364 s "
                      "(2,009 tok/s), GRPO ~13 s a step of 16 x 8 rollouts plus its held-out evaluations, the rest "
                      "scaled from the stages' measured step times; FP8 is emulated (~0.36x fp32). The issue's "
@@ -201,10 +206,10 @@ def plan(preset: str, out: str) -> list[Stage]:
         Stage("r1zero", "R1-Zero: GRPO from the base with rule rewards only (R1 §2.2)",
               (grpo("r1zero", p("pretrain", "model")),), ("corpus", "pretrain")),
         Stage("coldstart", "cold-start SFT of the base on long readable traces ending in a summary (R1 §2.3.1)",
-              (train("coldstart", "sft", "--init", p("pretrain", "model"), "--data", data, *s.sft),),
+              (train("coldstart", "sft", "--init", p("pretrain", "model"), "--data", data, *s.sft, *s.coldstart),),
               ("corpus", "pretrain")),
         Stage("rl1", "reasoning RL from the cold start: accuracy + format + language consistency (R1 §2.3.2)",
-              (grpo("rl1", p("coldstart", "model"), *chat),), ("corpus", "coldstart")),
+              (grpo("rl1", p("coldstart", "model"), *chat, *s.rl_eval),), ("corpus", "coldstart")),
         Stage("rejection", "rejection sampling: k samples a prompt from rl1, verified and readable ones kept",
               (Job(("rejection-sample", "--model", p("rl1", "model"), "--data", data, "--out", p("rejection"),
                     *s.rejection), p("rejection", "manifest.json"), (p("rejection"),)),), ("corpus", "rl1")),
@@ -212,7 +217,7 @@ def plan(preset: str, out: str) -> list[Stage]:
               (train("sft2", "sft", "--init", p("pretrain", "model"), "--data", p("rejection"), *s.sft),),
               ("pretrain", "rejection")),
         Stage("r1", "final RL from sft2: the R1 model, published as OUT/r1 (R1 §2.3.4)",
-              (grpo("rl2", p("sft2", "model"), *chat),), ("corpus", "sft2"), publish=(p("rl2", "model"), p("r1"))),
+              (grpo("rl2", p("sft2", "model"), *chat, *s.rl_eval),), ("corpus", "sft2"), publish=(p("rl2", "model"), p("r1"))),
         Stage("student_base", "dense Qwen2-style student pretrained on the same corpus",
               (train("student_base", "pretrain", "--preset", "qwen2_tiny", "--data", data, "--tokenizer", tok,
                      *s.student),), ("corpus", "tokenizer")),
@@ -221,7 +226,7 @@ def plan(preset: str, out: str) -> list[Stage]:
                      "--data", data, *s.distill),), ("corpus", "r1", "student_base"),
               publish=(p("distill", "model"), p("student"))),
         Stage("student_rl", "the same student trained with GRPO alone, for comparison (R1 §4.1)",
-              (grpo("student_rl", p("student_base", "model")),), ("corpus", "student_base")),
+              (grpo("student_rl", p("student_base", "model"), *s.rl_eval),), ("corpus", "student_base")),
         Stage("fp8", "FP8 side run: the base's first steps again with FP8 GEMMs (V3 §3.3), vs the fp32 curve",
               (train("fp8", *teacher, *s.fp8),), ("corpus", "tokenizer")),
         Stage("eval", f"evaluation: {len(MODELS)} models x {len(BENCHMARKS)} benchmarks, pass@1 / cons@k / pass@k "
@@ -233,17 +238,21 @@ def plan(preset: str, out: str) -> list[Stage]:
 
 
 def eval_jobs(s: Sizes, out: str) -> list[Job]:
-    """One `nanoseek eval` per model and benchmark: JSON (its stdout) and per-problem records."""
+    """One `nanoseek eval` process per model, its benchmarks as --bench: OUT/eval/<model>.<bench>.json
+    and .records.jsonl each (one process loads torch and the model once, not once per benchmark)."""
     jobs = []
+    d = os.path.join(out, "eval")
     for model, (stage, path, template) in MODELS.items():
+        benches, outputs = [], []
         for bench, (flags, _) in BENCHMARKS.items():
-            base = os.path.join(out, "eval", f"{model}.{bench}")
             n = s.gym_problems if flags[1].startswith("gym:") else s.eval_problems
-            argv = ("eval", "--model", os.path.join(out, path), *(f.format(out=out) for f in flags),
-                    "--n-problems", str(n), "--template", template, *s.eval, "--json",
-                    "--records", base + ".records.jsonl")
-            jobs.append(Job(argv, base + ".json", (base + ".json", base + ".records.jsonl"), stdout=base + ".json",
-                            label=f"{model}.{bench}", inputs=(stage,)))
+            spec = " ".join(shlex.quote(f.format(out=out)) for f in (*flags, "--n-problems", str(n)))
+            benches += ["--bench", f"{model}.{bench}={spec}"]
+            outputs += [eval_file(out, model, bench), os.path.join(d, f"{model}.{bench}.records.jsonl")]
+        argv = ("eval", "--model", os.path.join(out, path), "--template", template, *s.eval, "--out-dir", d,
+                *benches)
+        # the marker: the last benchmark's result (each is written whole, in order)
+        jobs.append(Job(argv, outputs[-2], tuple(outputs), label=model, inputs=(stage,)))
     return jobs
 
 
@@ -306,10 +315,13 @@ def job_tokens(job: Job) -> int | None:
     """Tokens a finished job processed: trained tokens of a training run (its metrics.jsonl, all
     sessions), generated tokens of an evaluation or of rejection sampling; None when unknown."""
     try:
-        if job.stdout:
-            with open(job.marker, encoding="utf-8") as f:
-                r = json.load(f)
-            return round(r["mean_length"] * r["n_problems"] * r["k"])
+        if job.argv[0] == "eval":              # every benchmark's result
+            total = 0
+            for path in (p for p in job.outputs if p.endswith(".json")):
+                with open(path, encoding="utf-8") as f:
+                    r = json.load(f)
+                total += round(r["mean_length"] * r["n_problems"] * r["k"])
+            return total
         if job.marker.endswith("summary.json"):
             total = 0
             with open(os.path.join(os.path.dirname(job.marker), "metrics.jsonl"), encoding="utf-8") as f:

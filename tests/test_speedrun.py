@@ -17,6 +17,7 @@ from nanoseek import recipe
 from nanoseek.cli import COMMANDS, build_parser
 from nanoseek.cli import main as cli_main
 from nanoseek.report import SECTIONS, write_report
+from nanoseek.stages.eval import parse_benches
 from nanoseek.stages.speedrun import prepare, todo_stages
 
 
@@ -25,14 +26,21 @@ def test_every_planned_command_parses_with_its_stage(preset):
     stages = recipe.plan(preset, "runs/x")
     assert [s.name for s in stages] == ["corpus", "tokenizer", "pretrain", "r1zero", "coldstart", "rl1", "rejection",
                                         "sft2", "r1", "student_base", "distill", "student_rl", "fp8", "eval", "report"]
-    assert len(stages[-2].jobs) == len(recipe.MODELS) * len(recipe.BENCHMARKS)
+    assert len(stages[-2].jobs) == len(recipe.MODELS)            # one process per model, its benchmarks inside
     for stage in stages:
         assert stage.budget_s > 0, stage.name
         for job in stage.jobs:
             command = job.argv[0]
             argv = [*job.argv, *(["--resume"] if job.resume else [])]
             args = build_parser({command: COMMANDS[command]}).parse_args(argv)   # SystemExit on a bad flag
-            assert getattr(args, "out", None) in (None, os.path.dirname(job.marker)) or job.stdout
+            if command == "eval":                                  # every benchmark, its files, its flags
+                benches = parse_benches(args)
+                assert [n for n, _ in benches] == [f"{job.label}.{b}" for b in recipe.BENCHMARKS]
+                assert job.marker == recipe.eval_file(os.path.dirname(args.out_dir), job.label, "basic_arithmetic")
+                assert {os.path.join(args.out_dir, n + ".json") for n, _ in benches} <= set(job.outputs)
+                assert all((a.task or a.data) and a.n_problems > 0 and a.k == benches[0][1].k for _, a in benches)
+            else:
+                assert getattr(args, "out", None) in (None, os.path.dirname(job.marker))
 
 
 def _touch(path: str, t: float, text: str = "{}") -> None:

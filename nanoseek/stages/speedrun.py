@@ -125,30 +125,21 @@ class Runner:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         if threads and "OMP_NUM_THREADS" not in os.environ:
             env["OMP_NUM_THREADS"] = str(threads)
-        if job.stdout:
-            os.makedirs(os.path.dirname(job.stdout), exist_ok=True)
         with open(log_path, "a", encoding="utf-8") as log:
             log.write(f"=== {recipe.now()} {' '.join(argv[1:])}\n")
             log.flush()
-            out = open(job.stdout + ".tmp", "w", encoding="utf-8") if job.stdout else log
-            try:
-                with self.lock:
-                    if self.stopping:
-                        return 130
-                    proc = subprocess.Popen(argv, stdout=out, stderr=log, env=env)
-                    self.procs.add(proc)
-                    self.state.stage(stage.name).setdefault("pids", []).append(proc.pid)
-                    self.state.save()
-                rc = proc.wait()
-                with self.lock:
-                    self.procs.discard(proc)
-            finally:
-                if job.stdout:
-                    out.close()
-        if rc == 0 and job.stdout:
-            os.replace(job.stdout + ".tmp", job.stdout)          # the marker: only a finished evaluation
-            if not recipe.marker_ok(job.stdout):
-                rc = 1
+            with self.lock:
+                if self.stopping:
+                    return 130
+                proc = subprocess.Popen(argv, stdout=log, stderr=log, env=env)
+                self.procs.add(proc)
+                self.state.stage(stage.name).setdefault("pids", []).append(proc.pid)
+                self.state.save()
+            rc = proc.wait()
+            with self.lock:
+                self.procs.discard(proc)
+        if rc == 0 and not recipe.marker_ok(job.marker):
+            rc = 1                             # exited 0 without finishing: never count it done
         return rc
 
     def stop_all(self) -> None:

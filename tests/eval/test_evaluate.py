@@ -134,3 +134,41 @@ def test_cli_eval_json_and_records(model_dir, tmp_path, capsys):
     assert eval_stage.main(args) == 0
     table = capsys.readouterr().out
     assert "2 problems x 2 samples" in table and "pass@1" in table and "cons@2" in table
+
+
+def test_cli_eval_benches_in_one_process_match_single_runs_and_skip_done(model_dir, tmp_path, capsys):
+    from nanoseek.cli import build_parser
+    from nanoseek.stages import eval as eval_stage
+    parser = build_parser({"eval": ("nanoseek.stages.eval", "evaluate a checkpoint")})
+    shared = ["eval", "--model", model_dir, "--k", "2", "--max-tokens", "4", "--n-problems", "3"]
+    out = tmp_path / "ev"
+    args = parser.parse_args([*shared, "--out-dir", str(out), "--bench", "m.a=--task arithmetic",
+                              "--bench", "m.l=--task linear --n-problems 2 --k 3 --max-tokens 5"])
+    assert eval_stage.main(args) == 0
+    capsys.readouterr()
+    a, lin = (json.loads((out / f"m.{n}.json").read_text()) for n in ("a", "l"))
+    assert (a["n_problems"], a["k"], a["config"]["max_tokens"], a["task"]) == (3, 2, 4, "arithmetic")
+    assert (lin["n_problems"], lin["k"], lin["config"]["max_tokens"], lin["task"]) == (2, 3, 5, "linear")
+    assert len((out / "m.l.records.jsonl").read_text().splitlines()) == 2
+    # the same numbers as one benchmark a process (seeded samples)
+    args = parser.parse_args(["eval", "--model", model_dir, "--task", "linear", "--n-problems", "2", "--k", "3",
+                              "--max-tokens", "5", "--json"])
+    assert eval_stage.main(args) == 0
+    single = json.loads(capsys.readouterr().out)
+    assert {k: v for k, v in single.items() if k != "seconds"} == {k: v for k, v in lin.items() if k != "seconds"}
+    # rerun: complete benchmarks are skipped (files untouched); a removed one is redone
+    stamp = (out / "m.a.json").stat().st_mtime_ns
+    (out / "m.l.json").unlink()
+    assert eval_stage.main(parser.parse_args([*shared, "--out-dir", str(out), "--bench", "m.a=--task arithmetic",
+                                              "--bench", "m.l=--task linear --n-problems 2"])) == 0
+    assert (out / "m.a.json").stat().st_mtime_ns == stamp and (out / "m.l.json").exists()
+    assert "m.a: complete, skipped" in capsys.readouterr().err
+    # malformed: clear messages, exit 2
+    for bench, msg in ((["--bench", "noequals"], "NAME=FLAGS"), (["--bench", "x=--model y --task linear"], "shared"),
+                       (["--bench", "x=--task linear --bogus 3"], "unknown flags --bogus"),
+                       (["--bench", "x=--k notanint --task linear"], "--bench x"),
+                       (["--bench", "x=--task linear", "--bench", "x=--task arithmetic"], "twice")):
+        assert eval_stage.main(parser.parse_args([*shared, "--out-dir", str(out / "bad"), *bench])) == 2
+        assert msg in capsys.readouterr().err, bench
+    assert eval_stage.main(parser.parse_args([*shared, "--bench", "x=--task linear"])) == 2
+    assert "--out-dir" in capsys.readouterr().err
