@@ -73,7 +73,7 @@ class Job:
     marker: str                    # the file that says it finished
     outputs: tuple[str, ...]       # what it owns: removed before a fresh run
     resume: bool = False           # a training run: add --resume to continue a killed one
-    label: str = ""                # which one of a stage's jobs (evaluations: the model, "r1")
+    label: str = ""                # which one of a stage's jobs (evaluations: "r1.gym")
     inputs: tuple[str, ...] | None = None   # stages it reads, when not all of its stage's
 
 
@@ -237,22 +237,28 @@ def plan(preset: str, out: str) -> list[Stage]:
             for st in stages]
 
 
+# the evaluation jobs of one model: each one process (torch and the model loaded once for its
+# benchmarks); two a model, so that eval_jobs processes side by side stay busy to the end
+EVAL_GROUPS = {"ours": ("heldout", "harder"), "gym": ("chain_sum", "basic_arithmetic")}
+
+
 def eval_jobs(s: Sizes, out: str) -> list[Job]:
-    """One `nanoseek eval` process per model, its benchmarks as --bench: OUT/eval/<model>.<bench>.json
-    and .records.jsonl each (one process loads torch and the model once, not once per benchmark)."""
+    """`nanoseek eval --bench …` per model and benchmark group: OUT/eval/<model>.<bench>.json and
+    .records.jsonl per benchmark; the group's last benchmark's JSON marks the job done."""
     jobs = []
     d = os.path.join(out, "eval")
     for model, (stage, path, template) in MODELS.items():
-        benches, outputs = [], []
-        for bench, (flags, _) in BENCHMARKS.items():
-            n = s.gym_problems if flags[1].startswith("gym:") else s.eval_problems
-            spec = " ".join(shlex.quote(f.format(out=out)) for f in (*flags, "--n-problems", str(n)))
-            benches += ["--bench", f"{model}.{bench}={spec}"]
-            outputs += [eval_file(out, model, bench), os.path.join(d, f"{model}.{bench}.records.jsonl")]
-        argv = ("eval", "--model", os.path.join(out, path), "--template", template, *s.eval, "--out-dir", d,
-                *benches)
-        # the marker: the last benchmark's result (each is written whole, in order)
-        jobs.append(Job(argv, outputs[-2], tuple(outputs), label=model, inputs=(stage,)))
+        for group, names in EVAL_GROUPS.items():
+            benches, outputs = [], []
+            for bench in names:
+                flags = BENCHMARKS[bench][0]
+                n = s.gym_problems if flags[1].startswith("gym:") else s.eval_problems
+                spec = " ".join(shlex.quote(f.format(out=out)) for f in (*flags, "--n-problems", str(n)))
+                benches += ["--bench", f"{model}.{bench}={spec}"]
+                outputs += [eval_file(out, model, bench), os.path.join(d, f"{model}.{bench}.records.jsonl")]
+            argv = ("eval", "--model", os.path.join(out, path), "--template", template, *s.eval, "--out-dir", d,
+                    *benches)
+            jobs.append(Job(argv, outputs[-2], tuple(outputs), label=f"{model}.{group}", inputs=(stage,)))
     return jobs
 
 

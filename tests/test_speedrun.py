@@ -26,7 +26,8 @@ def test_every_planned_command_parses_with_its_stage(preset):
     stages = recipe.plan(preset, "runs/x")
     assert [s.name for s in stages] == ["corpus", "tokenizer", "pretrain", "r1zero", "coldstart", "rl1", "rejection",
                                         "sft2", "r1", "student_base", "distill", "student_rl", "fp8", "eval", "report"]
-    assert len(stages[-2].jobs) == len(recipe.MODELS)            # one process per model, its benchmarks inside
+    assert len(stages[-2].jobs) == len(recipe.MODELS) * len(recipe.EVAL_GROUPS)   # benchmarks grouped a process
+    assert sorted(b for g in recipe.EVAL_GROUPS.values() for b in g) == sorted(recipe.BENCHMARKS)
     for stage in stages:
         assert stage.budget_s > 0, stage.name
         for job in stage.jobs:
@@ -35,8 +36,9 @@ def test_every_planned_command_parses_with_its_stage(preset):
             args = build_parser({command: COMMANDS[command]}).parse_args(argv)   # SystemExit on a bad flag
             if command == "eval":                                  # every benchmark, its files, its flags
                 benches = parse_benches(args)
-                assert [n for n, _ in benches] == [f"{job.label}.{b}" for b in recipe.BENCHMARKS]
-                assert job.marker == recipe.eval_file(os.path.dirname(args.out_dir), job.label, "basic_arithmetic")
+                model, group = job.label.split(".")
+                assert [n for n, _ in benches] == [f"{model}.{b}" for b in recipe.EVAL_GROUPS[group]]
+                assert job.marker == recipe.eval_file(os.path.dirname(args.out_dir), model, recipe.EVAL_GROUPS[group][-1])
                 assert {os.path.join(args.out_dir, n + ".json") for n, _ in benches} <= set(job.outputs)
                 assert all((a.task or a.data) and a.n_problems > 0 and a.k == benches[0][1].k for _, a in benches)
             else:

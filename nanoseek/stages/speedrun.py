@@ -25,6 +25,7 @@ import argparse
 import concurrent.futures
 import fcntl
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -126,7 +127,7 @@ class Runner:
         if threads and "OMP_NUM_THREADS" not in os.environ:
             env["OMP_NUM_THREADS"] = str(threads)
         with open(log_path, "a", encoding="utf-8") as log:
-            log.write(f"=== {recipe.now()} {' '.join(argv[1:])}\n")
+            log.write(f"=== {recipe.now()} {shlex.join(argv[1:])}\n")
             log.flush()
             with self.lock:
                 if self.stopping:
@@ -287,7 +288,7 @@ def main(args: argparse.Namespace) -> int:
         print_plan(stages, recipe.PRESETS[args.preset](), out, todo_stages(stages, forced))
         for s in stages:
             for j in s.jobs:
-                print(f"  {s.name}: nanoseek {' '.join(j.argv)}{' --resume' if j.resume else ''}")
+                print(f"  {s.name}: nanoseek {shlex.join(j.argv)}{' --resume' if j.resume else ''}")
         return 0
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, ".speedrun.lock"), "w") as lock:     # held while this speedrun runs
