@@ -175,6 +175,33 @@ def _state(out: str) -> dict:
         return json.load(f)["stages"]
 
 
+def _parallel_matmul(threads: int) -> None:
+    import torch
+    torch.set_num_threads(threads)
+    a = torch.randn(256, 256)
+    for _ in range(3):
+        a = torch.tanh(a @ a)
+    sys.exit(0 if torch.get_num_threads() == threads else 3)
+
+
+def test_jobs_forked_from_the_preloaded_server_run_parallel_ops(tmp_path):
+    """A module in PRELOAD that runs a parallel op at import (the oneDNN probe did) leaves OpenMP
+    hanging in every forked job that uses 2 threads: the smoke run (1 thread) would not notice."""
+    import multiprocessing
+    from nanoseek.stages.speedrun import PRELOAD, Runner
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no forkserver start method on this platform")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(list(PRELOAD))
+    for threads in (2, 1):
+        p = ctx.Process(target=_parallel_matmul, args=(threads,))
+        p.start()
+        rc = Runner.wait(p, 120)
+        if rc is None:
+            p.kill()
+        assert rc == 0, f"a {threads}-thread job forked from the fork server: {'hung' if rc is None else rc}"
+
+
 def test_smoke_speedrun_killed_mid_stage_resumes_then_force_redoes(tmp_path):
     """The CI run of the whole recipe (~4-5 minutes on 2 cores, nearly all of it Python start-ups)."""
     out = str(tmp_path / "smoke")

@@ -10,14 +10,19 @@
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-def _onednn_linear_op():
+@functools.cache
+def onednn_linear_op():
     """torch's oneDNN linear (`mkldnn::_linear_pointwise`, what inductor emits for CPU linears), if
-    it runs here and matches F.linear; else None."""
+    it runs here and matches F.linear; else None. Probed at the first linear, not at import: a
+    process that runs a parallel op before it forks (the speedrun's fork server) leaves OpenMP
+    in its children hanging."""
     try:
         op = torch.ops.mkldnn._linear_pointwise
         if not torch.backends.mkldnn.is_available():
@@ -31,12 +36,9 @@ def _onednn_linear_op():
         return None
 
 
-_ONEDNN_LINEAR = _onednn_linear_op()
-
-
 def _onednn_mm(x2: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """x2 [M, K] @ w[N, K]ᵀ (+ b) on oneDNN; w may be a strided view."""
-    return _ONEDNN_LINEAR(x2, w, b, "none", [], "")
+    return onednn_linear_op()(x2, w, b, "none", [], "")
 
 
 class _OneDNNLinear(torch.autograd.Function):
@@ -73,7 +75,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     it — the fixed shapes of training and batch prefill; decode steps and odd prefill chunks, whose
     shapes keep changing, stay on MKL. Autocast, other dtypes and devices take F.linear unchanged.
     `F.linear` is the reference (tests/model/test_fastpaths.py)."""
-    if (_ONEDNN_LINEAR is None or x.device.type != "cpu" or x.dtype != torch.float32
+    if (onednn_linear_op() is None or x.device.type != "cpu" or x.dtype != torch.float32
             or weight.dtype != torch.float32 or torch.is_autocast_enabled("cpu") or x.numel() == 0
             or (x.numel() // x.shape[-1]) % 64
             or type(x) is not torch.Tensor or type(weight) not in (torch.Tensor, nn.Parameter)
