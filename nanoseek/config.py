@@ -260,7 +260,19 @@ def qwen2_tiny(vocab_size: int = 1024) -> ModelConfig:
                        rope_interleave=False, max_position_embeddings=2048, rope_theta=10000.0).validate()
 
 
-PRESETS = {"tiny": tiny, "small": small, "v3_671b": v3_671b, "qwen2_tiny": qwen2_tiny}
+def r1_distill_qwen_1p5b() -> ModelConfig:
+    """The shape of DeepSeek-R1-Distill-Qwen-1.5B (its Hub config.json): Qwen2, hidden 1536, 28 layers,
+    12 heads / 2 KV heads of 128, intermediate 8960, vocab 151,936, untied head, qkv bias; 1.78B
+    parameters. What a laptop runs: `nanoseek bench engine --preset r1_distill_qwen_1p5b`."""
+    return ModelConfig(model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                       num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2, head_dim=128,
+                       n_routed_experts=None, num_nextn_predict_layers=0, tie_word_embeddings=False,
+                       rope_interleave=False, max_position_embeddings=131072, rope_theta=10000.0,
+                       rms_norm_eps=1e-6, bos_token_id=151646, eos_token_id=151643).validate()
+
+
+PRESETS = {"tiny": tiny, "small": small, "v3_671b": v3_671b, "qwen2_tiny": qwen2_tiny,
+           "r1_distill_qwen_1p5b": r1_distill_qwen_1p5b}
 
 
 def preset(name: str, **overrides) -> ModelConfig:

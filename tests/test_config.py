@@ -30,3 +30,16 @@ def test_pretrain_accepts_string_overrides_and_refuses_bad_ones(tmp_path, capsys
     assert main(pretrain_args(data, tok, out, 1, "--set", "dtype=float32", "--no-plots")) == 0
     assert main(pretrain_args(data, tok, out, 1, "--set", "x=")) == 2
     assert "unknown ModelConfig field(s) x" in capsys.readouterr().err
+
+
+def test_r1_distill_qwen_1p5b_preset_has_the_hub_shape():
+    """DeepSeek-R1-Distill-Qwen-1.5B's config.json: its 1,777,088,000 parameters, counted by hand:
+    2 × 151,936 × 1,536 (untied) + 28 × (q, k, v with bias, o, SwiGLU 8,960, 2 norms) + final norm."""
+    from nanoseek.config import preset
+    from nanoseek.model import param_counts
+    cfg = preset("r1_distill_qwen_1p5b")
+    assert (cfg.model_type, cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads,
+            cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size, cfg.vocab_size,
+            cfg.tie_word_embeddings) == ("qwen2", 1536, 28, 12, 2, 128, 8960, 151936, False)
+    layer = (1536 * 1536 + 1536) + 2 * (1536 * 256 + 256) + 1536 * 1536 + 3 * 1536 * 8960 + 2 * 1536
+    assert param_counts(cfg)["total"] == 2 * 151936 * 1536 + 28 * layer + 1536 == 1_777_088_000

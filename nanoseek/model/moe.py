@@ -158,6 +158,58 @@ def experts_grouped(experts: Experts, x, topk_idx, topk_weight) -> torch.Tensor:
     return torch.zeros_like(x).index_add_(0, src, y.to(x.dtype))  # pad rows add exact zeros
 
 
+def experts_dense(experts: Experts, x, topk_idx, topk_weight) -> torch.Tensor:
+    """Every expert on every token, each weighted by its routing weight (0 where not chosen): one
+    GEMM for all experts' gate/up, one batched GEMM for their down projections. E/K times the
+    FLOPs of a sparse dispatch but ~8 ops, no sort, no data-dependent shapes (it compiles): the
+    decode-sized path when N·E is small (a few tokens, few experts: CPU decode is op-bound).
+    x [N, H], topk_* [N, K] -> [N, H]."""
+    N, H = x.shape
+    E, I2 = experts.gate_up_proj.shape[:2]
+    dtype = x.dtype
+    dense_w = x.new_zeros(N, E, dtype=topk_weight.dtype).scatter_(1, topk_idx, topk_weight)     # [N, E]
+    h = F.linear(x, experts.gate_up_proj.to(dtype).reshape(E * I2, H)).view(N, E, I2)           # [N, E, 2I]
+    gate, up = h.chunk(2, dim=-1)
+    a = F.silu(gate) * up * dense_w[..., None].to(dtype)                                        # [N, E, I]
+    return torch.bmm(a.transpose(0, 1), experts.down_proj.to(dtype).transpose(1, 2)).sum(0).to(x.dtype)
+
+
+def experts_gathered(experts: Experts, x, topk_idx, topk_weight) -> torch.Tensor:
+    """Each (token, expert) pair with its expert's weights gathered: two batched GEMMs over the N·K
+    pairs, no sort, static shapes. Reads N·K experts' weights (a copy), so it pays only while N·K
+    is well below E (decode of a many-expert model: V3's 256 experts, top-8).
+    x [N, H], topk_* [N, K] -> [N, H]."""
+    N, K = topk_idx.shape
+    flat = topk_idx.flatten()
+    dtype = x.dtype
+    w_gate_up = experts.gate_up_proj.index_select(0, flat).to(dtype)                            # [P, 2I, H]
+    w_down = experts.down_proj.index_select(0, flat).to(dtype)                                  # [P, H, I]
+    xs = x.repeat_interleave(K, dim=0)[:, :, None]                                             # [P, H, 1]
+    gate, up = torch.bmm(w_gate_up, xs)[..., 0].chunk(2, dim=-1)                              # [P, I] each
+    a = F.silu(gate) * up * topk_weight.flatten()[:, None].to(dtype)
+    return torch.bmm(w_down, a[:, :, None])[..., 0].view(N, K, -1).sum(1).to(x.dtype)          # [N, H]
+
+
+# decode-sized dispatch (`experts_auto`): dense while N·E is at most this, gathered while N·K is at
+# most 1/GATHER_SHARE of E, else grouped. See experts_auto.
+DENSE_MAX_TOKEN_EXPERTS = 32    # provisional: measured under load (tiny N = 1: 219 vs 452 us grouped; N = 16: 1761 vs 1300)
+GATHER_SHARE = 4
+
+
+def experts_auto(experts: Experts, x, topk_idx, topk_weight) -> torch.Tensor:
+    """The dispatch by size: few tokens (decode steps, speculative verification) take a path of few
+    ops and static shapes, many tokens (training, prefill) the grouped GEMMs. Subclasses with their
+    own expert() (fp8) always go through experts_grouped (which falls back to their expert())."""
+    N, K = topk_idx.shape
+    E = experts.gate_up_proj.shape[0]
+    if type(experts).expert is Experts.expert and not torch.is_grad_enabled():
+        if N * E <= DENSE_MAX_TOKEN_EXPERTS:
+            return experts_dense(experts, x, topk_idx, topk_weight)
+        if N * K * GATHER_SHARE <= E:
+            return experts_gathered(experts, x, topk_idx, topk_weight)
+    return experts_grouped(experts, x, topk_idx, topk_weight)
+
+
 def experts_sorted(experts: Experts, x, topk_idx, topk_weight) -> torch.Tensor:
     """Sorted dispatch, one `experts.expert(e, ·)` call per expert's slice (what subclasses such as
     fp8's run, and a reference for experts_grouped). x [N, H], topk_* [N, K] -> [N, H]."""
@@ -194,7 +246,7 @@ class MoE(nn.Module):
         self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
         self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
                                if cfg.n_shared_experts else None)
-        self.dispatch = experts_grouped  # experts_sorted, experts_looped: the references
+        self.dispatch = experts_auto  # experts_grouped by size; experts_sorted, experts_looped: the references
 
     def forward(self, x: torch.Tensor, stats: list | None = None) -> torch.Tensor:
         B, T, H = x.shape

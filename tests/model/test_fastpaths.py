@@ -212,6 +212,48 @@ def test_grouped_experts_equal_looped(kw, pad, monkeypatch):
         _agree(u, v)
 
 
+@pytest.mark.parametrize("n", [1, 3, 16])
+@pytest.mark.parametrize("kw", [{}, dict(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=3)])
+def test_decode_sized_experts_equal_looped(kw, n):
+    """The decode dispatches (dense: every expert, weight 0 where not chosen; gathered: the chosen
+    experts' weights batched) against the reference loop, fp32 and a bf16 model."""
+    m = _moe(**kw)
+    x = torch.randn(n, 96, generator=_gen())
+    with torch.no_grad():
+        _, idx, w = m.gate(x)
+        ref = moe.experts_looped(m.experts, x, idx, w)
+        for dispatch in (moe.experts_dense, moe.experts_gathered):
+            _agree(dispatch(m.experts, x, idx, w), ref)
+        mb = _moe(**kw).to(torch.bfloat16)
+        mb.load_state_dict({k: v.to(mb.state_dict()[k].dtype) for k, v in m.state_dict().items()})
+        xb = x.to(torch.bfloat16)
+        ref_b = moe.experts_looped(mb.experts, xb, idx, w)
+        for dispatch in (moe.experts_dense, moe.experts_gathered):
+            got = dispatch(mb.experts, xb, idx, w)
+            assert got.dtype == torch.bfloat16
+            _agree(got.float(), ref_b.float(), TOL_BF16)
+
+
+def test_auto_dispatch_picks_by_size(monkeypatch):
+    m = _moe(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=2)
+    calls = []
+    for name in ("experts_dense", "experts_gathered", "experts_grouped"):
+        monkeypatch.setattr(moe, name, lambda *a, _n=name: calls.append(_n) or torch.zeros_like(a[1]))
+    monkeypatch.setattr(moe, "DENSE_MAX_TOKEN_EXPERTS", 256)
+    x = torch.randn(64, 96, generator=_gen())
+    with torch.no_grad():
+        for n in (1, 16, 17, 64):                    # N·E <= 256: dense; N·K·4 <= E never past that here
+            _, idx, w = m.gate(x[:n])
+            moe.experts_auto(m.experts, x[:n], idx, w)
+        monkeypatch.setattr(moe, "DENSE_MAX_TOKEN_EXPERTS", 0)
+        _, idx, w = m.gate(x[:2])
+        moe.experts_auto(m.experts, x[:2], idx, w)      # 2·2·4 <= 16: gathered
+    _, idx, w = m.gate(x[:1])
+    moe.experts_auto(m.experts, x[:1], idx, w)          # training (grad on): always grouped
+    assert calls == ["experts_dense", "experts_dense", "experts_grouped", "experts_grouped", "experts_gathered",
+                     "experts_grouped"]
+
+
 def test_grouped_experts_bf16_autocast():
     m = _moe()
     x = torch.randn(40, 96, generator=_gen())
