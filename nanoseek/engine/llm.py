@@ -73,10 +73,15 @@ class LLM:
     def __init__(self, model, tokenizer=None, *, dtype: torch.dtype | str | None = None, block_size: int = 16,
                  kv_cache_memory: int = 256 << 20, num_blocks: int | None = None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 2048, enable_prefix_caching: bool = True,
-                 speculative_tokens: int = 0, max_model_len: int | None = None, add_bos: bool = True):
+                 speculative_tokens: int = 0, max_model_len: int | None = None, add_bos: bool = True,
+                 compile: bool = False, compile_sizes: tuple[int, ...] | None = None, log=None):
         """model: a checkpoint directory (nanoseek.load_pretrained) or a Transformer. KV memory is
         `num_blocks` blocks of `block_size` tokens, or as many as fit in `kv_cache_memory` bytes.
-        speculative_tokens = k > 0 drafts k tokens per step with the model's MTP module."""
+        speculative_tokens = k > 0 drafts k tokens per step with the model's MTP module.
+        compile=True runs decode steps (every sequence one token) as torch.compile'd pieces at the
+        batch sizes `compile_sizes` (default graphs.DEFAULT_SIZES up to max_num_seqs), compiled
+        here at start-up (`self.compile_seconds`, reported through `log`); compile=False keeps the
+        eager model for every step (the reference)."""
         if isinstance(model, (str, os.PathLike)):
             from nanoseek.checkpoint import load_pretrained
             path = str(model)
@@ -91,10 +96,19 @@ class LLM:
         if num_blocks is None:
             num_blocks = KVMemory.blocks_for_budget(kv_cache_memory, layers, cfg.cache_width(), block_size,
                                                    param.dtype, hidden)
-        self.cache = KVMemory(layers, cfg.cache_width(), num_blocks, block_size, param.dtype, param.device, hidden)
+        # one block more than the block manager hands out: the compiled steps' pad rows write there
+        self.cache = KVMemory(layers, cfg.cache_width(), num_blocks + 1, block_size, param.dtype, param.device,
+                              hidden)
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens, lookahead=speculative_tokens)
-        self.runner = ModelRunner(model, self.cache)
+        graphs, self.compile_seconds = None, None
+        if compile:
+            from nanoseek.engine.graphs import DEFAULT_SIZES, DecodeGraphs
+            sizes = compile_sizes or tuple(s for s in DEFAULT_SIZES if s < max_num_seqs) + (
+                min(max_num_seqs, DEFAULT_SIZES[-1]),)
+            graphs = DecodeGraphs(model, self.cache, num_blocks, sizes, log=log)
+            self.compile_seconds = graphs.warm_up()
+        self.runner = ModelRunner(model, self.cache, graphs)
         self.drafter = MTPDrafter(model, self.cache, speculative_tokens) if spec else None
         self.max_model_len = max_model_len or cfg.max_position_embeddings
         eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id]

@@ -8,6 +8,10 @@ absorbed form by itself while the step's padded queries per sequence are few
 (nanoseek/model/mla.py): every decode step and speculative verification, and steps whose
 prefill chunks are short; a step with a long prefill chunk runs naive.
 
+A step in which every sequence decodes one token (no prefill chunk, no draft) runs through the
+compiled decode graphs when the engine has them (LLM(compile=True), graphs.py), padded up to a
+capture size; the eager path above is their reference.
+
 Logits are computed only at the rows that are sampled (`logits(rows)`): the last row of a finished
 prefill, the 1 + k rows of a verification; a 2k-token prefill pays the vocabulary projection once,
 not 2k times.
@@ -21,12 +25,18 @@ from nanoseek.engine.scheduler import Scheduled
 
 
 class ModelRunner:
-    def __init__(self, model, cache: KVMemory):
-        self.model, self.cache = model, cache
+    def __init__(self, model, cache: KVMemory, graphs=None):
+        """graphs: a DecodeGraphs (graphs.py) that runs the steps in which every sequence decodes one
+        token, compiled; every other step (and every step without it) runs the eager model."""
+        self.model, self.cache, self.graphs = model, cache, graphs
         self.device = next(model.parameters()).device
 
     def forward(self, work: list[Scheduled]) -> torch.Tensor:
         """Feed the step's tokens; returns the final (normed) hidden states [N, D] in input order."""
+        g = self.graphs
+        if g is not None and len(work) <= g.max_size and all(w.num_inputs == 1 for w in work):
+            return g.forward([w.seq.token_ids[w.seq.num_computed] for w in work],
+                             [w.seq.block_table for w in work], [w.seq.num_computed for w in work])
         ids, tables, starts, qlens = [], [], [], []
         for w in work:
             s = w.seq

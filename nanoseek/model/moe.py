@@ -194,6 +194,7 @@ def experts_gathered(experts: Experts, x, topk_idx, topk_weight) -> torch.Tensor
 # most 1/GATHER_SHARE of E, else grouped. See experts_auto.
 DENSE_MAX_TOKEN_EXPERTS = 32    # provisional: measured under load (tiny N = 1: 219 vs 452 us grouped; N = 16: 1761 vs 1300)
 GATHER_SHARE = 4
+DENSE_MAX_COMPILED = 512   # inside a compiled decode step (engine/graphs.py) dense fuses; provisional
 
 
 def experts_auto(experts: Experts, x, topk_idx, topk_weight) -> torch.Tensor:
@@ -203,7 +204,7 @@ def experts_auto(experts: Experts, x, topk_idx, topk_weight) -> torch.Tensor:
     N, K = topk_idx.shape
     E = experts.gate_up_proj.shape[0]
     if type(experts).expert is Experts.expert and not torch.is_grad_enabled():
-        if N * E <= DENSE_MAX_TOKEN_EXPERTS:
+        if N * E <= (DENSE_MAX_COMPILED if torch.compiler.is_compiling() else DENSE_MAX_TOKEN_EXPERTS):
             return experts_dense(experts, x, topk_idx, topk_weight)
         if N * K * GATHER_SHARE <= E:
             return experts_gathered(experts, x, topk_idx, topk_weight)
