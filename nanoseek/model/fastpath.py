@@ -75,11 +75,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     it — the fixed shapes of training and batch prefill; decode steps and odd prefill chunks, whose
     shapes keep changing, stay on MKL. Autocast, other dtypes and devices take F.linear unchanged.
     `F.linear` is the reference (tests/model/test_fastpaths.py)."""
-    if (onednn_linear_op() is None or x.device.type != "cpu" or x.dtype != torch.float32
+    if (torch.compiler.is_compiling()     # inductor lowers F.linear itself (and must not trace the probe)
+            or x.device.type != "cpu" or x.dtype != torch.float32
             or weight.dtype != torch.float32 or torch.is_autocast_enabled("cpu") or x.numel() == 0
             or (x.numel() // x.shape[-1]) % 64
             or type(x) is not torch.Tensor or type(weight) not in (torch.Tensor, nn.Parameter)
-            or torch.compiler.is_compiling()):  # inductor lowers F.linear itself
+            or onednn_linear_op() is None):
         return F.linear(x, weight, bias)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
