@@ -90,7 +90,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     four products, stack). Half-split pairs use the reference. `apply_rope_reference` is the
     naive form; tests/model/test_fastpaths.py checks they agree.
     """
-    if not interleaved or x.shape[-1] % 2:
+    if not interleaved or x.shape[-1] % 2 or torch.compiler.is_compiling():   # inductor has no complex codegen
         return apply_rope_reference(x, cos, sin, interleaved)
     xc = x.float().unflatten(-1, (-1, 2))
     if xc.stride(-1) != 1 or xc.storage_offset() % 2 or any(s % 2 for s in xc.stride()[:-1]):
