@@ -38,6 +38,12 @@ VERSES = [" ".join(_r.choice(WORDS) for _ in range(_r.randrange(6, 12))) + "." f
 
 
 def add_arguments(p):
+    p.add_argument("--preset", default="tiny", choices=["tiny", "small", "r1_distill_qwen_1p5b"],
+                   help="tiny / small: a V3 model pretrained here on synthetic text (all figures); "
+                        "r1_distill_qwen_1p5b: random bf16 weights in the 1.5B distill's shape, decode only, "
+                        "against transformers and the memory-bandwidth limit")
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="run the engine's eager decode (the reference) instead of its compiled decode steps")
     p.add_argument("--model", help="checkpoint directory with a trained MTP module (default: pretrain tiny here)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions per figure (median)")
@@ -55,9 +61,9 @@ def synthetic_doc(rng: random.Random) -> str:
     return " ".join(rng.choice(VERSES) for _ in range(12))
 
 
-def pretrain(steps: int, log) -> tuple:
-    """Tiny preset (MTP depth 1) trained on synthetic_doc text with CE + 0.3 · MTP loss."""
-    from nanoseek.config import tiny
+def pretrain(steps: int, log, preset: str = "tiny") -> tuple:
+    """A V3 preset (MTP depth 1) trained on synthetic_doc text with CE + 0.3 · MTP loss."""
+    from nanoseek.config import preset as get_preset
     from nanoseek.model import Transformer
     from nanoseek.model.mtp import mtp_loss
     from nanoseek.tokenizer import train_tokenizer
@@ -65,7 +71,7 @@ def pretrain(steps: int, log) -> tuple:
     tok = train_tokenizer([synthetic_doc(rng) for _ in range(3000)], vocab_size=1024)
     stream: list[int] = []
     torch.manual_seed(0)
-    model = Transformer(tiny(vocab_size=1024)).train()
+    model = Transformer(get_preset(preset, vocab_size=1024)).train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.0)
     B, T, t0 = 8, 128, time.perf_counter()
     for step in range(steps):
@@ -86,7 +92,7 @@ def pretrain(steps: int, log) -> tuple:
         if step % 20 == 0 or step == steps - 1:
             log(f"  pretrain step {step:4d}  loss {main.item():.3f}  mtp {per_depth[0].item():.3f}  "
                 f"{time.perf_counter() - t0:.0f}s")
-    return model.eval(), tok, f"pretrained here: tiny, {steps} steps x {B}x{T} synthetic tokens, MTP λ=0.3"
+    return model.eval(), tok, f"pretrained here: {preset}, {steps} steps x {B}x{T} synthetic tokens, MTP λ=0.3"
 
 
 # ------------------------------------------------------------------ measurements
@@ -110,26 +116,97 @@ def paired(times: dict, slow: str, fast: str) -> float:
     return statistics.median(a / b for a, b in zip(times[slow], times[fast]))
 
 
-def decode_figures(llm, hf, vocab: int, reps: int) -> dict:
+def decode_figures(llm, hf, vocab: int, reps: int, batches=(1, 16), new_tokens: int = 64) -> dict:
     from nanoseek.engine import SamplingParams
     out = {}
-    sp = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
-    for B in (1, 16):
+    sp = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    for B in batches:
         g = torch.Generator().manual_seed(B)
         prompts = torch.randint(10, vocab, (B, 16), generator=g)
+        got = {}
 
         def ours():
             llm.clear_prefix_cache()
-            llm.generate(prompts.tolist(), sp)
+            got["ours"] = [o[0].token_ids for o in llm.generate(prompts.tolist(), sp)]
 
         def theirs():
-            hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=64, min_new_tokens=64,
-                        do_sample=False, pad_token_id=0)
+            ids = hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
+                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+            got["hf"] = ids[:, prompts.shape[1]:].tolist()
         t = interleaved({"ours": ours, "hf": theirs}, reps)
-        out[f"decode_b{B}_tok_s"] = B * 64 / statistics.median(t["ours"])
-        out[f"decode_b{B}_tok_s_transformers"] = B * 64 / statistics.median(t["hf"])
+        out[f"decode_b{B}_tok_s"] = B * new_tokens / statistics.median(t["ours"])
+        out[f"decode_b{B}_tok_s_transformers"] = B * new_tokens / statistics.median(t["hf"])
         out[f"decode_b{B}_paired_ratio"] = paired(t, "hf", "ours")
+        # greedy on the same weights: the share of sequences whose tokens agree with transformers'
+        out[f"decode_b{B}_same_tokens"] = sum(a == b for a, b in zip(got["ours"], got["hf"])) / B
     return out
+
+
+def memory_bandwidth(seconds: float = 1.0) -> float:
+    """Bytes per second this process reads from memory with torch's threads: the sum of a 1 GiB
+    tensor (far beyond the caches), median of a few passes — the speed limit of a decode step that
+    must read every weight once."""
+    x = torch.ones(1 << 28, dtype=torch.float32)           # 1 GiB
+    x.sum()
+    times = []
+    t_end = time.perf_counter() + seconds
+    while len(times) < 3 or time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t0)
+    return x.numel() * x.element_size() / statistics.median(times)
+
+
+def rss_bytes() -> int:
+    """Peak resident memory of this process."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def main_1p5b(args, log) -> int:
+    """Issue 13's laptop-sized check: a transformers-written Qwen2 directory shaped like
+    DeepSeek-R1-Distill-Qwen-1.5B, random bf16 weights, 16-token prompts, 24 greedy tokens at
+    batch 1 and 8, the engine vs transformers' generate on the same weights and dtype, and against
+    the physical limit: weight bytes read per token / memory bandwidth measured in this run."""
+    import transformers
+    from nanoseek.config import preset
+    from nanoseek.engine import LLM
+    from nanoseek.model import param_counts
+    cfg = preset("r1_distill_qwen_1p5b")
+    hf_cfg = transformers.Qwen2Config(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads, max_position_embeddings=cfg.max_position_embeddings,
+        rope_theta=cfg.rope_theta, rms_norm_eps=cfg.rms_norm_eps, tie_word_embeddings=False,
+        bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, torch_dtype="bfloat16")
+    log("building random bf16 weights (1.78B parameters) with transformers …")
+    torch.manual_seed(0)
+    hf = transformers.Qwen2ForCausalLM(hf_cfg).to(torch.bfloat16).eval()
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d)
+        llm = LLM(d, block_size=16, max_num_seqs=8, compile=args.compile, log=log)
+    params = param_counts(llm.model.config)["total"]
+    weight_bytes = (params - cfg.vocab_size * cfg.hidden_size) * 2      # the embedding reads one row a token
+    log("memory bandwidth …")
+    bandwidth = memory_bandwidth()
+    log("decode …")
+    with torch.inference_mode():
+        figures = decode_figures(llm, hf, cfg.vocab_size, args.reps, batches=(1, 8), new_tokens=24)
+    limit = bandwidth / weight_bytes
+    figures.update(memory_bandwidth_gb_s=bandwidth / 1e9, weight_gb_read_per_token=weight_bytes / 1e9,
+                   bandwidth_limit_tok_s=limit, peak_rss_gb=rss_bytes() / 1e9,
+                   compile_seconds=llm.compile_seconds or 0.0)
+    ratios = {
+        "decode_batch1_vs_transformers": figures.pop("decode_b1_paired_ratio"),
+        "decode_batch8_vs_transformers": figures.pop("decode_b8_paired_ratio"),
+        "decode_batch1_of_bandwidth_limit": figures["decode_b1_tok_s"] / limit,
+        "transformers_batch1_of_bandwidth_limit": figures["decode_b1_tok_s_transformers"] / limit,
+    }
+    config = {"preset": "r1_distill_qwen_1p5b", "dtype": "bfloat16", "reps": args.reps,
+              "threads": torch.get_num_threads(), "compile": args.compile,
+              "transformers": transformers.__version__}
+    report("engine", config, figures, ratios, args.json)
+    return 0
 
 
 def ttft_figures(llm, tok, prefix_tokens: int, reps: int) -> dict:
@@ -190,10 +267,12 @@ def main(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     log = (lambda s: print(s, file=sys.stderr)) if args.json else print
+    if args.preset == "r1_distill_qwen_1p5b":
+        return main_1p5b(args, log)
     if args.model:
         model, tok, source = load_pretrained(args.model).eval(), load_tokenizer(args.model), f"loaded {args.model}"
     else:
-        model, tok, source = pretrain(args.train_steps, log)
+        model, tok, source = pretrain(args.train_steps, log, args.preset)
         if args.save_model:
             save_pretrained(model, args.save_model, tokenizer=tok)
     transformers.logging.set_verbosity_error()
@@ -203,7 +282,7 @@ def main(args) -> int:
         hf = transformers.AutoModelForCausalLM.from_pretrained(d).eval()
     cfg = model.config
     engine_kw = dict(block_size=16, max_num_batched_tokens=4096)
-    llm = LLM(model, tok, **engine_kw)
+    llm = LLM(model, tok, compile=args.compile, log=log, **engine_kw)
     log("decode ...")
     with torch.inference_mode():
         figures = decode_figures(llm, hf, cfg.vocab_size, args.reps)
@@ -220,7 +299,9 @@ def main(args) -> int:
         "spec_mtp_speedup_batch1": figures.pop("spec_paired_speedup"),
         "kv_bytes_mha_vs_mla": mha / figures["kv_bytes_per_token_mla"],
     }
-    config = {"model": source, "preset": "tiny" if not args.model else cfg.model_type, "reps": args.reps,
+    figures["compile_seconds"] = llm.compile_seconds or 0.0
+    config = {"model": source, "preset": args.preset if not args.model else cfg.model_type, "reps": args.reps,
+              "compile": args.compile,
               "threads": torch.get_num_threads(), "spec_tokens": args.spec_tokens, "dtype": str(next(model.parameters()).dtype),
               "transformers": transformers.__version__}
     report("engine", config, figures, ratios, args.json)
