@@ -71,15 +71,25 @@ def gqa_pre(block, x, cos, sin):
     return q, torch.cat([k.flatten(1), v], dim=-1)
 
 
-def post(block, x, attn_out):
-    """attn_out [C, H, ·] (MLA: in the latent space) -> the layer's output [C, D]."""
+def _attn_out(block, x, attn_out):
     attn = block.self_attn
     if isinstance(attn, MLA):
         w_uv = attn.kv_b_proj.weight.view(attn.n_heads, attn.nope + attn.v_dim, attn.kv_rank)[:, attn.nope:]
         attn_out = torch.einsum("thc,hdc->thd", attn_out, w_uv)
-    x = x + attn.o_proj(attn_out.flatten(1))
-    h = block.post_attention_layernorm(x)[None]
-    return x + (block.mlp(h) if not isinstance(block.mlp, MoE) else block.mlp(h, None))[0]
+    return x + attn.o_proj(attn_out.flatten(1))
+
+
+def post_dense(block, x, attn_out):
+    """attn_out [C, H, ·] (MLA: in the latent space) -> the output [C, D] of a layer with a dense MLP."""
+    x = _attn_out(block, x, attn_out)
+    return x + block.mlp(block.post_attention_layernorm(x))
+
+
+def post_moe(block, x, attn_out):
+    """The same for a MoE layer: its own function, so that its compiled graphs never share a cache
+    with the dense layers' (the compiled pieces skip guards on the layer's modules, see DecodeGraphs)."""
+    x = _attn_out(block, x, attn_out)
+    return x + block.mlp(block.post_attention_layernorm(x)[None], None)[0]
 
 
 def final_norm(model, x):
@@ -120,9 +130,16 @@ class DecodeGraphs:
         self.is_mla = isinstance(model.layers[0].self_attn, MLA)
         self.log = log
         self.compile_seconds: float | None = None
-        wrap = (lambda f: torch.compile(f, dynamic=False, fullgraph=False)) if compile else (lambda f: f)
+        # guards on the layer's modules are skipped: every call passes another layer of the same
+        # structure (its weights are graph inputs), and checking ~20 parameters' metadata per call
+        # cost more than the graph itself at decode sizes. Graphs of one function differ only by the
+        # batch size, a guard that stays. So a function must only ever see layers of one structure:
+        # pre (MLA or GQA, fixed per model), post_dense and post_moe apart.
+        opts = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        wrap = (lambda f: torch.compile(f, dynamic=False, options=opts)) if compile else (lambda f: f)
         self.pre = wrap(mla_pre if self.is_mla else gqa_pre)
-        self.post = wrap(post)
+        posts = {False: wrap(post_dense), True: wrap(post_moe)}
+        self.posts = [posts[isinstance(b.mlp, MoE)] for b in model.layers]
         self.norm = wrap(final_norm)
         self.attention = mla_attention if self.is_mla else gqa_attention
         self._arange = torch.arange(cache.num_blocks * cache.block_size, device=cache.pool[0].device)
@@ -157,11 +174,11 @@ class DecodeGraphs:
         model = self.model
         cos, sin = model.rotary(start_t[None])
         x = model.embed_tokens(ids_t)
-        for block in model.layers:
+        for block, post in zip(model.layers, self.posts):
             q, entries = self.pre(block, x, cos, sin)
             out = self.attention(block, self.cache.pool[block.self_attn.layer_idx], q, entries, new_slots, slots,
                                  mask)
-            x = self.post(block, x, out)
+            x = post(block, x, out)
         return self.norm(model, x)[:S]
 
     @torch.inference_mode()
