@@ -165,7 +165,7 @@ def tiny() -> Sizes:
         fp8=("--precision", "fp8", "--steps", "60", "--schedule", "constant", "--eval-every", "60"),
         eval=("--k", "16", "--max-tokens", "200"), eval_problems=64, gym_problems=32, eval_jobs=2,
         budgets={"corpus": 13, "tokenizer": 6, "pretrain": 2520, "r1zero": 855, "coldstart": 720, "rl1": 990,
-                 "rejection": 210, "sft2": 80, "r1": 625, "student_base": 860, "distill": 420, "student_rl": 930,
+                 "rejection": 210, "sft2": 80, "r1": 625, "student_base": 860, "distill": 350, "student_rl": 930,
                  "fp8": 265, "eval": 670, "report": 6},
         budget_note=("measured: the tiny run on this 2-core machine, 2026-11-30 (2 h 29 min; pretraining at "
                      "~2.1k tokens/s, GRPO ~13 s a step of 16 x 8 rollouts; some stages shared the cores with "
