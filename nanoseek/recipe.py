@@ -160,16 +160,16 @@ def tiny() -> Sizes:
         rl_eval=("--eval-every", "25"),
         # --min-conversations: a floor of the corpus's own SFT conversations, should RL keep too few
         rejection=("--k", "8", "--problems", "512", "--min-conversations", "64"),
-        distill=("--k", "8", "--problems", "512", "--min-conversations", "64"),
+        # 1,024 prompts, up to 4 verified traces each: 512 x 2 gave the student 491 traces (12 SFT steps)
+        distill=("--k", "8", "--problems", "1024", "--keep-per-problem", "4", "--min-conversations", "64"),
         fp8=("--precision", "fp8", "--steps", "60", "--schedule", "constant", "--eval-every", "60"),
         eval=("--k", "16", "--max-tokens", "200"), eval_problems=64, gym_problems=32, eval_jobs=2,
-        budgets={"corpus": 10, "tokenizer": 30, "pretrain": 3400, "r1zero": 1000, "coldstart": 600, "rl1": 850,
-                 "rejection": 300, "sft2": 300, "r1": 850, "student_base": 1000, "distill": 600,
-                 "student_rl": 750, "fp8": 360, "eval": 1200, "report": 10},
-        budget_note=("estimated from runs on this 2-core machine, 2026-11-30: pretraining 1,650 steps in 3,364 s "
-                     "(2,009 tok/s), GRPO ~13 s a step of 16 x 8 rollouts plus its held-out evaluations, the rest "
-                     "scaled from the stages' measured step times; FP8 is emulated (~0.36x fp32). The issue's "
-                     "60-minute target does not hold at these sizes"),
+        budgets={"corpus": 13, "tokenizer": 6, "pretrain": 2520, "r1zero": 855, "coldstart": 720, "rl1": 990,
+                 "rejection": 210, "sft2": 80, "r1": 625, "student_base": 860, "distill": 350, "student_rl": 930,
+                 "fp8": 265, "eval": 670, "report": 6},
+        budget_note=("measured: the tiny run on this 2-core machine, 2026-11-30 (2 h 29 min; pretraining at "
+                     "~2.1k tokens/s, GRPO ~13 s a step of 16 x 8 rollouts; some stages shared the cores with "
+                     "tests for a few minutes). The issue's 60-minute target does not hold at these sizes"),
     )
 
 

@@ -136,13 +136,17 @@ def claims(out: str, preset: str) -> list[str]:
     z = read_jsonl(os.path.join(out, "r1zero", "metrics.jsonl"))
     evals = [r for r in z if "heldout_pass@1" in r]
     acc0, acc1 = (evals[0]["heldout_pass@1"], evals[-1]["heldout_pass@1"]) if evals else (None, None)
-    len0, len1 = ends(z, "response_len_mean")
+    # length on the held-out problems at T = 0.6 (the evaluation's sampling), first vs last evaluation;
+    # the T = 1 rollouts' length is shown beside it (the base rambles longer at T = 1)
+    len0, len1 = (evals[0].get("heldout_len"), evals[-1].get("heldout_len")) if evals else (None, None)
+    roll0, roll1 = ends(z, "response_len_mean")
     chk0, chk1 = ends(z, "self_check_share")
     mix_z, mix_r1 = mixed_share(out, "r1zero"), mixed_share(out, "r1")
     rows = [
         ("base pass@1 ≤ 25 % at T = 0.6 (R1-Zero prompt)", f"{pct(p1('base'))} %", _ok(p1("base"), None, 0.25)),
         ("R1-Zero: held-out pass@1 ≥ 85 % after GRPO", f"{pct(acc0)} → {pct(acc1)} %", _ok(acc1, 0.85)),
-        ("R1-Zero: mean response length ≥ 1.5×", f"{num(len0)} → {num(len1)} tokens",
+        ("R1-Zero: mean response length ≥ 1.5× (held-out, T = 0.6)",
+         f"{num(len0)} → {num(len1)} tokens (rollouts at T = 1, first / last 5 steps: {num(roll0)} → {num(roll1)})",
          _ok(len1 / len0 if len0 and len1 else None, 1.5)),
         ("R1-Zero: responses that check themselves < 5 % → > 30 %", f"{pct(chk0)} → {pct(chk1)} %",
          _ok(chk1, 0.30) if chk0 is not None and chk0 < 0.05 else "✗" if chk0 is not None else "—"),
