@@ -36,6 +36,7 @@ TORCHINDUCTOR_CACHE_DIR or /tmp/torchinductor_$USER) make a second start mostly 
 from __future__ import annotations
 
 import time
+import types
 
 import torch
 import torch.nn.functional as F
@@ -120,28 +121,75 @@ def gqa_attention(block, pool, q, entries, new_slots, ctx_slots, mask):
     return out[:, :, 0]
 
 
+# ------------------------------------------------------------------ one function per layer kind
+def mla_dense_layer(block, x, cos, sin, pool, new_slots, ctx_slots, mask):
+    """A whole MLA layer with a dense MLP: pre, attention over the paged cache (stores this step's
+    entries into `pool` in place), post. x [C, D] -> [C, D]."""
+    q, entries = mla_pre(block, x, cos, sin)
+    return post_dense(block, x, mla_attention(block, pool, q, entries, new_slots, ctx_slots, mask))
+
+
+def mla_moe_layer(block, x, cos, sin, pool, new_slots, ctx_slots, mask):
+    q, entries = mla_pre(block, x, cos, sin)
+    return post_moe(block, x, mla_attention(block, pool, q, entries, new_slots, ctx_slots, mask))
+
+
+def gqa_dense_layer(block, x, cos, sin, pool, new_slots, ctx_slots, mask):
+    q, entries = gqa_pre(block, x, cos, sin)
+    return post_dense(block, x, gqa_attention(block, pool, q, entries, new_slots, ctx_slots, mask))
+
+
+def gqa_moe_layer(block, x, cos, sin, pool, new_slots, ctx_slots, mask):
+    q, entries = gqa_pre(block, x, cos, sin)
+    return post_moe(block, x, gqa_attention(block, pool, q, entries, new_slots, ctx_slots, mask))
+
+
+LAYER_FNS = {(True, False): mla_dense_layer, (True, True): mla_moe_layer,
+             (False, False): gqa_dense_layer, (False, True): gqa_moe_layer}
+_OWN_CODE: dict = {}
+
+
+def _own_copy(fn, key):
+    """`fn` with a code object of its own for this model structure. Dynamo keeps its compiled graphs
+    per code object, and the compiled layers skip guards on the layer's modules (DecodeGraphs), so
+    two models of different shapes (or attention kinds) must never reach one code object: each
+    structure gets its copy, made once per process (a second engine on the same structure reuses the
+    graphs compiled for the first)."""
+    if (fn, key) not in _OWN_CODE:
+        code = fn.__code__.replace(co_name=f"{fn.__name__}_{len(_OWN_CODE)}")
+        _OWN_CODE[fn, key] = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+    return _OWN_CODE[fn, key]
+
+
 class DecodeGraphs:
-    """The model's decode step at fixed batch sizes, as compiled pieces around eager attention."""
+    """The model's decode step at fixed batch sizes: one compiled function per layer (attention
+    over the paged cache inside it, the context length a dynamic dimension)."""
 
     def __init__(self, model, cache, scratch_block: int, sizes=DEFAULT_SIZES, compile: bool = True, log=None):
         """cache: the engine's KVMemory; scratch_block: a block of it that no sequence owns."""
         self.model, self.cache, self.scratch_block = model, cache, scratch_block
         self.sizes = tuple(sorted(set(int(s) for s in sizes)))
         self.is_mla = isinstance(model.layers[0].self_attn, MLA)
-        self.log = log
+        self.log, self.compiled = log, compile
         self.compile_seconds: float | None = None
         # guards on the layer's modules are skipped: every call passes another layer of the same
         # structure (its weights are graph inputs), and checking ~20 parameters' metadata per call
         # cost more than the graph itself at decode sizes. Graphs of one function differ only by the
         # batch size, a guard that stays. So a function must only ever see layers of one structure:
-        # pre (MLA or GQA, fixed per model), post_dense and post_moe apart.
+        # each (attention kind, MLP kind) has its function, copied per model structure (_own_copy).
         opts = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
-        wrap = (lambda f: torch.compile(f, dynamic=False, options=opts)) if compile else (lambda f: f)
-        self.pre = wrap(mla_pre if self.is_mla else gqa_pre)
-        posts = {False: wrap(post_dense), True: wrap(post_moe)}
-        self.posts = [posts[isinstance(b.mlp, MoE)] for b in model.layers]
+        param = next(model.parameters())
+        key = (repr(model.config), param.dtype, param.device.type,
+               tuple(sorted({type(m).__qualname__ for m in model.modules()})))
+        wrap = (lambda f: torch.compile(_own_copy(f, key), dynamic=False, options=opts)) if compile else (lambda f: f)
+        fns = {}
+        self.layer_fns = []
+        for b in model.layers:
+            kind = (isinstance(b.self_attn, MLA), isinstance(b.mlp, MoE))
+            if kind not in fns:
+                fns[kind] = wrap(LAYER_FNS[kind])
+            self.layer_fns.append(fns[kind])
         self.norm = wrap(final_norm)
-        self.attention = mla_attention if self.is_mla else gqa_attention
         self._arange = torch.arange(cache.num_blocks * cache.block_size, device=cache.pool[0].device)
 
     @property
@@ -159,26 +207,27 @@ class DecodeGraphs:
         if C is None:
             raise ValueError(f"{S} sequences exceed the largest capture size {self.max_size}")
         dev, bs = self.cache.pool[0].device, self.cache.block_size
-        max_ctx = max(starts) + 1
-        nb = -(-max_ctx // bs)
+        # the context is every slot of the first nb blocks (at least 2 slots: a dynamic dimension of
+        # size 1 would be specialised); the mask hides the slots past each sequence's position
+        nb = max(-(-(max(starts) + 1) // bs), -(-2 // bs))
         # pad rows and table entries past a sequence's blocks point at the scratch block; a pad row
         # (token 0 at position 0) writes its slot 0 and attends to it alone
         rows = [t[:nb] + [self.scratch_block] * (nb - len(t[:nb])) for t in tables]
         rows += [[self.scratch_block] * nb] * (C - S)
         table = torch.tensor(rows, dtype=torch.long, device=dev)
         start_t = torch.tensor(list(starts) + [0] * (C - S), dtype=torch.long, device=dev)
-        slots = (table[:, :, None] * bs + self._arange[:bs]).view(C, -1)[:, :max_ctx]   # [C, L]
-        mask = self._arange[:max_ctx][None, :] <= start_t[:, None]                      # [C, L]
+        slots = (table[:, :, None] * bs + self._arange[:bs]).view(C, -1)                # [C, L]
+        mask = self._arange[:nb * bs][None, :] <= start_t[:, None]                      # [C, L]
         new_slots = slots.gather(1, start_t[:, None]).view(-1)
+        if self.compiled:
+            torch._dynamo.maybe_mark_dynamic(slots, 1)
+            torch._dynamo.maybe_mark_dynamic(mask, 1)
         ids_t = torch.tensor(list(ids) + [0] * (C - S), dtype=torch.long, device=dev)
         model = self.model
         cos, sin = model.rotary(start_t[None])
         x = model.embed_tokens(ids_t)
-        for block, post in zip(model.layers, self.posts):
-            q, entries = self.pre(block, x, cos, sin)
-            out = self.attention(block, self.cache.pool[block.self_attn.layer_idx], q, entries, new_slots, slots,
-                                 mask)
-            x = post(block, x, out)
+        for block, layer in zip(model.layers, self.layer_fns):
+            x = layer(block, x, cos, sin, self.cache.pool[block.self_attn.layer_idx], new_slots, slots, mask)
         return self.norm(model, x)[:S]
 
     @torch.inference_mode()

@@ -190,24 +190,55 @@ def experts_gathered(experts: Experts, x, topk_idx, topk_weight) -> torch.Tensor
     return torch.bmm(w_down, a[:, :, None])[..., 0].view(N, K, -1).sum(1).to(x.dtype)          # [N, H]
 
 
-# decode-sized dispatch (`experts_auto`): dense while N·E is at most this, gathered while N·K is at
-# most 1/GATHER_SHARE of E, else grouped. See experts_auto.
-DENSE_MAX_TOKEN_EXPERTS = 32    # provisional: measured under load (tiny N = 1: 219 vs 452 us grouped; N = 16: 1761 vs 1300)
-GATHER_SHARE = 4
-DENSE_MAX_COMPILED = 512   # inside a compiled decode step (engine/graphs.py) dense fuses; provisional
+@torch.library.custom_op("nanoseek::experts_grouped", mutates_args=())
+def _experts_grouped_op(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor,
+                        gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> torch.Tensor:
+    """experts_grouped as one opaque op for compiled graphs: inductor calls it like a GEMM (its
+    output is [N, H] whatever the routing), so a compiled decode step keeps a single graph and
+    pays only the chosen experts' FLOPs (no graph break, no data-dependent shapes inside)."""
+    experts = Experts.__new__(Experts)
+    nn.Module.__init__(experts)
+    experts.gate_up_proj, experts.down_proj = gate_up_proj, down_proj
+    return experts_grouped(experts, x, topk_idx, topk_weight)
+
+
+@_experts_grouped_op.register_fake
+def _(x, topk_idx, topk_weight, gate_up_proj, down_proj):
+    return torch.empty_like(x)
+
+
+def experts_grouped_op(experts: Experts, x, topk_idx, topk_weight) -> torch.Tensor:
+    """experts_grouped through the custom op (what experts_auto takes inside a compiled graph)."""
+    return _experts_grouped_op(x, topk_idx, topk_weight, experts.gate_up_proj, experts.down_proj)
+
+
+# experts_auto inside a compiled graph: gathered while N·K <= E·GATHER_SHARE (the chosen experts'
+# weights, read by inductor's fused kernels without a copy), dense while N·E <= DENSE_MAX_COMPILED,
+# else the grouped custom op. Measured on the tiny preset's compiled decode step (1 thread, forward
+# of 4 layers, median of 15 interleaved rounds, 2026-11-30): batch 1 gathered 4.5 ms vs dense 6.7;
+# batch 2 5.3 vs 9.1; batch 4 gathered 6.1 vs grouped 9.7 vs dense 10.3; batch 8 gathered 8.4 vs
+# grouped 8.7 vs dense 8.8; batch 16 grouped 10.3 vs dense 12.5. Dense never won here (M = 16 GEMMs
+# run at ~16 GFLOP/s on this CPU, so its E/K-fold FLOPs cost); the knob stays for hardware where it does.
+GATHER_SHARE = 1
+DENSE_MAX_COMPILED = 0
 
 
 def experts_auto(experts: Experts, x, topk_idx, topk_weight) -> torch.Tensor:
-    """The dispatch by size: few tokens (decode steps, speculative verification) take a path of few
-    ops and static shapes, many tokens (training, prefill) the grouped GEMMs. Subclasses with their
-    own expert() (fp8) always go through experts_grouped (which falls back to their expert())."""
-    N, K = topk_idx.shape
-    E = experts.gate_up_proj.shape[0]
-    if type(experts).expert is Experts.expert and not torch.is_grad_enabled():
-        if N * E <= (DENSE_MAX_COMPILED if torch.compiler.is_compiling() else DENSE_MAX_TOKEN_EXPERTS):
-            return experts_dense(experts, x, topk_idx, topk_weight)
-        if N * K * GATHER_SHARE <= E:
+    """The dispatch of a forward pass: inside a compiled graph (engine/graphs.py's decode steps) a
+    path with static shapes, picked by size (above); everywhere else the grouped GEMMs, which were
+    also the fastest eager dispatch at decode sizes (tiny, 3 layers cycled, µs per layer: 1 token
+    grouped 460, sorted 379, gathered 600, dense 925; 4 tokens 820 / 921 / 1850 / 1309; 16 tokens
+    1573 / 1704 / 8439 / 1586). Subclasses with their own expert() (fp8) always go through
+    experts_grouped (which falls back to their expert())."""
+    if torch.compiler.is_compiling() and type(experts).expert is Experts.expert and not torch.is_grad_enabled():
+        N, K = topk_idx.shape
+        E = experts.gate_up_proj.shape[0]
+        if N * K <= E * GATHER_SHARE:
             return experts_gathered(experts, x, topk_idx, topk_weight)
+        if N * E <= DENSE_MAX_COMPILED:
+            return experts_dense(experts, x, topk_idx, topk_weight)
+        if _grouped_mm_dtype(experts, x) is not None:
+            return experts_grouped_op(experts, x, topk_idx, topk_weight)
     return experts_grouped(experts, x, topk_idx, topk_weight)
 
 

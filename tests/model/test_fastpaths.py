@@ -222,7 +222,7 @@ def test_decode_sized_experts_equal_looped(kw, n):
     with torch.no_grad():
         _, idx, w = m.gate(x)
         ref = moe.experts_looped(m.experts, x, idx, w)
-        for dispatch in (moe.experts_dense, moe.experts_gathered):
+        for dispatch in (moe.experts_dense, moe.experts_gathered, moe.experts_grouped_op):
             _agree(dispatch(m.experts, x, idx, w), ref)
         mb = _moe(**kw).to(torch.bfloat16)
         mb.load_state_dict({k: v.to(mb.state_dict()[k].dtype) for k, v in m.state_dict().items()})
@@ -234,24 +234,40 @@ def test_decode_sized_experts_equal_looped(kw, n):
             _agree(got.float(), ref_b.float(), TOL_BF16)
 
 
+def test_auto_dispatch_compiled_equals_looped(monkeypatch):
+    """Inside torch.compile experts_auto takes gathered (N·K <= E), dense (when allowed) and the
+    grouped custom op, one graph each with no break; each agrees with the loop."""
+    m = _moe(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=2)
+    f = torch.compile(lambda x, i, w: moe.experts_auto(m.experts, x, i, w), dynamic=False, fullgraph=True)
+    for n, dense in ((1, 0), (4, 64), (16, 0)):       # gathered, dense, grouped op
+        monkeypatch.setattr(moe, "DENSE_MAX_COMPILED", dense)
+        x = torch.randn(n, 96, generator=_gen())
+        with torch.no_grad():
+            _, idx, w = m.gate(x)
+            _agree(f(x, idx, w), moe.experts_looped(m.experts, x, idx, w))
+
+
 def test_auto_dispatch_picks_by_size(monkeypatch):
+    """Eager: always grouped. Compiled (no grad): gathered while N·K <= E, dense while N·E <=
+    DENSE_MAX_COMPILED, else the grouped op."""
     m = _moe(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=2)
     calls = []
-    for name in ("experts_dense", "experts_gathered", "experts_grouped"):
+    for name in ("experts_dense", "experts_gathered", "experts_grouped", "experts_grouped_op"):
         monkeypatch.setattr(moe, name, lambda *a, _n=name: calls.append(_n) or torch.zeros_like(a[1]))
-    monkeypatch.setattr(moe, "DENSE_MAX_TOKEN_EXPERTS", 256)
+    monkeypatch.setattr(moe, "DENSE_MAX_COMPILED", 256)
     x = torch.randn(64, 96, generator=_gen())
     with torch.no_grad():
-        for n in (1, 16, 17, 64):                    # N·E <= 256: dense; N·K·4 <= E never past that here
+        for n in (1, 8, 16, 17):
             _, idx, w = m.gate(x[:n])
-            moe.experts_auto(m.experts, x[:n], idx, w)
-        monkeypatch.setattr(moe, "DENSE_MAX_TOKEN_EXPERTS", 0)
-        _, idx, w = m.gate(x[:2])
-        moe.experts_auto(m.experts, x[:2], idx, w)      # 2·2·4 <= 16: gathered
+            moe.experts_auto(m.experts, x[:n], idx, w)                       # eager
+            monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+            moe.experts_auto(m.experts, x[:n], idx, w)                       # as if compiling
+            monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     _, idx, w = m.gate(x[:1])
-    moe.experts_auto(m.experts, x[:1], idx, w)          # training (grad on): always grouped
-    assert calls == ["experts_dense", "experts_dense", "experts_grouped", "experts_grouped", "experts_gathered",
-                     "experts_grouped"]
+    moe.experts_auto(m.experts, x[:1], idx, w)          # grad on (training): always grouped
+    assert calls == ["experts_grouped", "experts_gathered", "experts_grouped", "experts_gathered",
+                     "experts_grouped", "experts_dense", "experts_grouped", "experts_grouped_op", "experts_grouped"]
 
 
 def test_grouped_experts_bf16_autocast():
