@@ -1,46 +1,55 @@
-"""Compiled decode steps: the forward of a step in which every sequence feeds one token, as
-torch.compile'd pieces at fixed batch sizes — vLLM's piecewise CUDA graphs, done with inductor's
-CPU code generation.
+"""Compiled decode steps: the forward of a step in which every sequence feeds its newest token
+(and, with speculative decoding, its drafts), as torch.compile'd functions at fixed batch sizes —
+vLLM's CUDA-graph capture sizes, done with inductor's CPU code generation.
 
     graphs = DecodeGraphs(model, cache, scratch_block, sizes=(1, 2, 4, 8, 16))   # LLM(compile=True) builds it
     graphs.warm_up()                     # compiles every size now; prints what it cost
     hidden = graphs.forward(ids, tables, starts)                   # [S, D], S <= max(sizes)
 
-Why pieces. A decode step of the tiny model is ~2,400 eager aten ops for arithmetic that needs
-well under a millisecond (issue 13's profile): the time is per-op dispatch. Inductor fuses each
-layer's norms, projections, rope, residuals and MLP or MoE into a few kernels. Attention over the
-paged latent cache reads a context whose length changes every step, so it stays an eager piece
-between two compiled ones (vLLM's split of the graph at attention):
-    pre(layer)   RMSNorm → q / latent / rope key projections → rope → (MLA) q absorbed into the
-                 latent space (W_UK), the entries to store   [compiled, shape (C, ·)]
-    attention    store the entries at their slots, gather each sequence's context, scores, mask,
-                 softmax, weighted sum                       [eager, ~8 ops]
-    post(layer)  (MLA) W_UV → o_proj → residual → RMSNorm → MLP / MoE → residual   [compiled]
-The MoE inside a compiled piece takes the decode-sized dispatch (moe.experts_auto: every expert
-on every token, or the chosen experts' weights gathered), whose shapes are static.
+Why. A decode step of the tiny model was ~2,400 eager aten ops for arithmetic that needs well
+under a millisecond (issue 13's profile): the time went to per-op dispatch. Here each layer is one
+compiled function: RMSNorm, projections, rope, W_UK absorption, storing the step's entries into the
+paged pool, attention over the sequence's context, W_UV, o_proj, residuals and the MLP or MoE.
+Inductor fuses the elementwise work and calls GEMMs for the rest. The context length changes every
+step, so it is a dynamic dimension (one graph per batch size, not per length): the context is
+every slot of the sequence's first blocks, the mask hides the rest. Every layer of one kind shares
+one compiled graph per size (the functions take the layer as an argument; dynamo lifts its
+parameters to graph inputs, and guards on the layer's modules are skipped), so compiling costs
+sizes × layer kinds, not × layers: the 28-layer 1.5B model compiles as fast as a 2-layer one.
+A first version compiled pre- and post-attention pieces around eager attention (vLLM's split at
+attention): 9 compiled calls and ~32 eager ops a tiny step; one function per layer did better at
+batch 1 (graphs.forward 5.9 → 3.2 ms).
 
-Batch sizes. A step of S sequences runs at the smallest capture size C ≥ S; the C − S pad rows
-read token 0 at position 0, write their entries to a scratch block no sequence owns (the engine
-allocates one more block than its block manager hands out) and attend to that slot alone, and
-their outputs are dropped. Every layer of one kind
-shares one compiled graph per size (the functions take the layer as an argument; dynamo lifts
-its parameters to graph inputs), so compiling costs sizes × {pre, post dense, post MoE}, not
-× layers. Steps with a prefill chunk, speculative drafts or more than max(sizes) sequences run
-the eager model, which stays the reference: tests/engine/test_graphs.py checks the compiled
-step against it (same greedy tokens, logits within tolerance).
+MoE inside a compiled layer (moe.experts_auto under compile): few tokens gather the chosen experts'
+weights (inductor reads them in place: only those bytes move); more tokens call the grouped GEMMs
+as one custom op, sparse FLOPs without a graph break.
 
-Compile cost. The first call of a piece at a size compiles it; `warm_up()` does that for every
+The grid. A step of S sequences runs at the smallest capture size C ≥ S, with Q query rows per
+sequence (Q = 1 for decode; 1 + k when verifying k drafts, `queries`); row (i, j) is sequence i's
+j-th token at position start_i + j. Pad sequences (C − S of them) read token 0 at positions
+0..Q−1 of a scratch block no sequence owns (the engine allocates one block more than its block
+manager hands out) and attend there alone; a real sequence feeding fewer than Q tokens (a short
+draft, a catch-up of one token) has its extra rows write the scratch block and see its first
+row's context. Only valid rows come back, in the eager runner's packed order. The MTP module's pass
+(speculative.py: catching its cache up by 1..1+k tokens, then drafting) runs on the same grid
+(`mtp_forward`). Steps with a prefill chunk, larger catch-ups or more than max(sizes) sequences run
+the eager model, which stays the reference: tests/engine/test_graphs.py checks the graphs against
+it (same greedy tokens, logits and draft distributions within tolerance).
+
+Compile cost. The first call of a function at a size compiles it; `warm_up()` does that for every
 size up front and reports the seconds. Inductor's on-disk caches (FX graph cache, under
 TORCHINDUCTOR_CACHE_DIR or /tmp/torchinductor_$USER) make a second start mostly a cache load.
 """
 from __future__ import annotations
 
+import collections
 import time
 import types
 
 import torch
 import torch.nn.functional as F
 
+from nanoseek.model.fastpath import run_linear
 from nanoseek.model.mla import MLA
 from nanoseek.model.moe import MoE
 from nanoseek.model.rope import apply_rope
@@ -52,13 +61,21 @@ DEFAULT_SIZES = (1, 2, 4, 8, 16, 32)
 def mla_pre(block, x, cos, sin):
     """x [C, D] -> q in the latent space [C, H, kv_rank + rope], entries to store [C, kv_rank + rope]."""
     attn = block.self_attn
-    q, latent, k_pe = attn.project(block.input_layernorm(x)[None])
-    q_nope, q_pe = q[0].split([attn.nope, attn.rope], dim=-1)
+    h = block.input_layernorm(x)
+    # MLA.project, without its fused GEMM: that one concatenates q_a's and kv_a's weights on every
+    # call (a copy of both per layer per step; 30 MB a layer at V3's size); two GEMMs read them in place
+    if hasattr(attn, "q_proj"):
+        q = run_linear(attn.q_proj, h)
+    else:
+        q = run_linear(attn.q_b_proj, attn.q_a_layernorm(run_linear(attn.q_a_proj, h)))
+    latent, k_pe = run_linear(attn.kv_a_proj_with_mqa, h).split([attn.kv_rank, attn.rope], dim=-1)
+    latent = attn.kv_a_layernorm(latent)
+    q_nope, q_pe = q.view(x.shape[0], attn.n_heads, -1).split([attn.nope, attn.rope], dim=-1)
     q_pe = apply_rope(q_pe[None], cos, sin, attn.interleaved)[0]
-    k_pe = apply_rope(k_pe, cos, sin, attn.interleaved)[0]
+    k_pe = apply_rope(k_pe[None], cos, sin, attn.interleaved)[0]
     w_uk = attn.kv_b_proj.weight.view(attn.n_heads, attn.nope + attn.v_dim, attn.kv_rank)[:, : attn.nope]
     q_lat = torch.einsum("thd,hdc->thc", q_nope, w_uk)
-    return torch.cat([q_lat, q_pe], dim=-1), torch.cat([latent[0], k_pe], dim=-1)
+    return torch.cat([q_lat, q_pe], dim=-1), torch.cat([latent, k_pe], dim=-1)
 
 
 def gqa_pre(block, x, cos, sin):
@@ -93,32 +110,32 @@ def post_moe(block, x, attn_out):
     return x + block.mlp(block.post_attention_layernorm(x)[None], None)[0]
 
 
-def final_norm(model, x):
-    return model.norm(x)
-
-
-# ------------------------------------------------------------------ attention over the paged cache (eager)
+# ------------------------------------------------------------------ attention over the paged cache
 def mla_attention(block, pool, q, entries, new_slots, ctx_slots, mask):
-    """q [C, H, W], entries [C, W]; pool [slots, W]; mask [C, L] -> [C, H, kv_rank]."""
+    """Q query rows per sequence, sequence-major. q [C·Q, H, W], entries [C·Q, W]; pool [slots, W];
+    ctx_slots [C, L]; mask [C, Q, L] -> [C·Q, H, kv_rank]."""
     attn = block.self_attn
     pool[new_slots] = entries.to(pool.dtype)
+    C, Q, L = mask.shape
+    H = q.shape[1]
     ctx = pool[ctx_slots].to(q.dtype)                                            # [C, L, W]
-    scores = torch.bmm(q, ctx.transpose(1, 2)) * attn.scale                    # [C, H, L]
-    scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
-    probs = scores.float().softmax(dim=-1).to(q.dtype)
-    return torch.bmm(probs, ctx[..., : attn.kv_rank])
+    scores = torch.bmm(q.view(C, Q * H, -1), ctx.transpose(1, 2)) * attn.scale  # [C, Q·H, L]
+    scores = scores.view(C, Q, H, L).masked_fill(~mask[:, :, None, :], float("-inf"))
+    probs = scores.float().softmax(dim=-1).to(q.dtype).view(C, Q * H, L)
+    return torch.bmm(probs, ctx[..., : attn.kv_rank]).view(C * Q, H, -1)
 
 
 def gqa_attention(block, pool, q, entries, new_slots, ctx_slots, mask):
-    """q [C, H, d], entries [C, 2·kvh·d]; mask [C, L] -> [C, H, d]."""
+    """q [C·Q, H, d], entries [C·Q, 2·kvh·d]; mask [C, Q, L] -> [C·Q, H, d]."""
     attn = block.self_attn
     pool[new_slots] = entries.to(pool.dtype)
+    C, Q, L = mask.shape
     ctx = pool[ctx_slots].to(q.dtype)                                            # [C, L, 2·kvh·d]
-    C, L = ctx.shape[:2]
     k, v = ctx.view(C, L, 2, attn.kv_heads, attn.head_dim).unbind(2)
-    out = F.scaled_dot_product_attention(q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2),
-                                         attn_mask=mask[:, None, None, :], enable_gqa=True)
-    return out[:, :, 0]
+    qs = q.view(C, Q, q.shape[1], -1).transpose(1, 2)                          # [C, H, Q, d]
+    out = F.scaled_dot_product_attention(qs, k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=mask[:, None, :, :], enable_gqa=True)
+    return out.transpose(1, 2).reshape(C * Q, q.shape[1], -1)
 
 
 # ------------------------------------------------------------------ one function per layer kind
@@ -144,8 +161,32 @@ def gqa_moe_layer(block, x, cos, sin, pool, new_slots, ctx_slots, mask):
     return post_moe(block, x, gqa_attention(block, pool, q, entries, new_slots, ctx_slots, mask))
 
 
+def mtp_layer(module, hidden, emb, cos, sin, pool, new_slots, ctx_slots, mask):
+    """The MTP module (model/mtp.py) over the paged cache: eh_proj of the normed embedding and hidden,
+    its block (MLA + MoE, cache layer N), its norm. hidden, emb [C·Q, D] -> [C·Q, D]."""
+    x = module.eh_proj(torch.cat([module.enorm(emb), module.hnorm(hidden)], dim=-1))
+    q, entries = mla_pre(module.block, x, cos, sin)
+    out = post_moe(module.block, x, mla_attention(module.block, pool, q, entries, new_slots, ctx_slots, mask))
+    return module.norm(out)
+
+
 LAYER_FNS = {(True, False): mla_dense_layer, (True, True): mla_moe_layer,
              (False, False): gqa_dense_layer, (False, True): gqa_moe_layer}
+
+
+def layer_kind(block) -> tuple[bool, bool]:
+    return isinstance(block.self_attn, MLA), isinstance(block.mlp, MoE)
+
+
+def run_layers(blocks, norm, x, cos, sin, pools, new_slots, ctx_slots, mask):
+    """A run of consecutive layers (dynamo unrolls the loop: one graph, one call a step), then the
+    final norm when `norm` is given (the last run)."""
+    for block, pool in zip(blocks, pools):
+        x = LAYER_FNS[layer_kind(block)](block, x, cos, sin, pool, new_slots, ctx_slots, mask)
+    return x if norm is None else norm(x)
+
+
+LAYERS_PER_GRAPH = 8   # a run's graph compiles in time ~ its length; runs of the same kinds share one
 _OWN_CODE: dict = {}
 
 
@@ -162,16 +203,24 @@ def _own_copy(fn, key):
 
 
 class DecodeGraphs:
-    """The model's decode step at fixed batch sizes: one compiled function per layer (attention
-    over the paged cache inside it, the context length a dynamic dimension)."""
+    """The model's decode and verification steps at fixed batch sizes: one compiled function per
+    layer (attention over the paged cache inside it, the context length a dynamic dimension)."""
 
-    def __init__(self, model, cache, scratch_block: int, sizes=DEFAULT_SIZES, compile: bool = True, log=None):
-        """cache: the engine's KVMemory; scratch_block: a block of it that no sequence owns."""
+    def __init__(self, model, cache, scratch_block: int, sizes=DEFAULT_SIZES, compile: bool = True, log=None,
+                 queries=(1,), mtp_queries: int = 0):
+        """cache: the engine's KVMemory; scratch_block: a block of it that no sequence owns.
+        queries: the query rows per sequence warmed up (1: decode; 1 + k: verifying k drafts);
+        mtp_queries: > 0 also compiles the MTP module's pass (speculative.py) at that many rows."""
         self.model, self.cache, self.scratch_block = model, cache, scratch_block
         self.sizes = tuple(sorted(set(int(s) for s in sizes)))
-        self.is_mla = isinstance(model.layers[0].self_attn, MLA)
+        self.queries = tuple(sorted(set(queries)))
+        self.mtp_queries = mtp_queries
+        if max(max(self.queries), mtp_queries + 1) > cache.block_size:
+            raise ValueError(f"{max(self.queries + (mtp_queries,))} query rows per sequence need a block size above "
+                             f"{cache.block_size} (pad rows live in one scratch block)")
         self.log, self.compiled = log, compile
         self.compile_seconds: float | None = None
+        self.calls = collections.Counter()          # steps run, by kind ("q1", "q2", …, "mtp")
         # guards on the layer's modules are skipped: every call passes another layer of the same
         # structure (its weights are graph inputs), and checking ~20 parameters' metadata per call
         # cost more than the graph itself at decode sizes. Graphs of one function differ only by the
@@ -181,15 +230,23 @@ class DecodeGraphs:
         param = next(model.parameters())
         key = (repr(model.config), param.dtype, param.device.type,
                tuple(sorted({type(m).__qualname__ for m in model.modules()})))
-        wrap = (lambda f: torch.compile(_own_copy(f, key), dynamic=False, options=opts)) if compile else (lambda f: f)
-        fns = {}
-        self.layer_fns = []
-        for b in model.layers:
-            kind = (isinstance(b.self_attn, MLA), isinstance(b.mlp, MoE))
-            if kind not in fns:
-                fns[kind] = wrap(LAYER_FNS[kind])
-            self.layer_fns.append(fns[kind])
-        self.norm = wrap(final_norm)
+        def wrap(f, k=key):
+            return torch.compile(_own_copy(f, k), dynamic=False, options=opts) if compile else f
+        # the layers in runs of at most LAYERS_PER_GRAPH, as even as possible (28 -> 4 x 7): runs with
+        # the same kinds (and the last, with the final norm, apart) share a function and its graphs
+        layers = list(model.layers)
+        n_runs = -(-len(layers) // LAYERS_PER_GRAPH)
+        per = -(-len(layers) // n_runs)
+        fns, self.runs = {}, []
+        for i in range(0, len(layers), per):
+            blocks = tuple(layers[i:i + per])
+            last = i + per >= len(layers)
+            kinds = (tuple(layer_kind(b) for b in blocks), last)
+            if kinds not in fns:
+                fns[kinds] = wrap(run_layers, (key, kinds))
+            self.runs.append((fns[kinds], blocks, model.norm if last else None,
+                              tuple(b.self_attn.layer_idx for b in blocks)))
+        self.mtp = wrap(mtp_layer) if mtp_queries else None
         self._arange = torch.arange(cache.num_blocks * cache.block_size, device=cache.pool[0].device)
 
     @property
@@ -199,46 +256,103 @@ class DecodeGraphs:
     def size_for(self, n: int) -> int | None:
         return next((s for s in self.sizes if s >= n), None)
 
-    def forward(self, ids: list[int], tables: list[list[int]], starts: list[int]) -> torch.Tensor:
-        """One token per sequence: ids[i] at position starts[i] along block table tables[i].
-        Returns the final normed hidden states [S, D]."""
-        S = len(ids)
+    def fits(self, num_seqs: int, qlens: list[int], queries: int) -> bool:
+        return num_seqs <= self.max_size and max(qlens) <= queries
+
+    def _batch(self, tables, starts, qlens, Q: int, skip_first: bool = False):
+        """Row (i, j) of the padded [C, Q] grid is sequence i's j-th new token at position starts[i] + j,
+        valid while j < qlens[i]. Returns C, positions [C, Q], ctx_slots [C, L], mask [C, Q, L],
+        new_slots [C·Q] and the flat indices of the valid rows (in the eager runner's packed order)."""
+        S = len(tables)
         C = self.size_for(S)
-        if C is None:
-            raise ValueError(f"{S} sequences exceed the largest capture size {self.max_size}")
         dev, bs = self.cache.pool[0].device, self.cache.block_size
         # the context is every slot of the first nb blocks (at least 2 slots: a dynamic dimension of
-        # size 1 would be specialised); the mask hides the slots past each sequence's position
-        nb = max(-(-(max(starts) + 1) // bs), -(-2 // bs))
-        # pad rows and table entries past a sequence's blocks point at the scratch block; a pad row
-        # (token 0 at position 0) writes its slot 0 and attends to it alone
+        # size 1 would be specialised); the mask hides the slots past each row's position
+        nb = max(-(-max(s + q for s, q in zip(starts, qlens)) // bs), -(-max(2, Q) // bs))
+        # pad sequences and table entries past a sequence's blocks point at the scratch block; a pad
+        # sequence (token 0 at positions 0..Q-1) writes the scratch block's first slots and reads them
         rows = [t[:nb] + [self.scratch_block] * (nb - len(t[:nb])) for t in tables]
         rows += [[self.scratch_block] * nb] * (C - S)
         table = torch.tensor(rows, dtype=torch.long, device=dev)
-        start_t = torch.tensor(list(starts) + [0] * (C - S), dtype=torch.long, device=dev)
+        start_t = torch.tensor(list(starts) + [int(skip_first)] * (C - S), dtype=torch.long, device=dev)
+        qlen_t = torch.tensor(list(qlens) + [Q] * (C - S), dtype=torch.long, device=dev)
         slots = (table[:, :, None] * bs + self._arange[:bs]).view(C, -1)                # [C, L]
-        mask = self._arange[:nb * bs][None, :] <= start_t[:, None]                      # [C, L]
-        new_slots = slots.gather(1, start_t[:, None]).view(-1)
+        j = self._arange[:Q]
+        pos = start_t[:, None] + j                                                       # [C, Q]
+        valid = j < qlen_t[:, None]
+        # an invalid row (a sequence feeding fewer than Q tokens) sees its sequence's first row's
+        # context and writes its entry into the scratch block; its output is dropped
+        seen = torch.where(valid, pos, start_t[:, None])
+        mask = self._arange[:nb * bs] <= seen[:, :, None]                                # [C, Q, L]
+        if skip_first:
+            mask[:, :, 0] = False
+        scratch = self.scratch_block * bs + j
+        new_slots = torch.where(valid, slots.gather(1, pos.clamp(max=nb * bs - 1)), scratch).view(-1)
         if self.compiled:
             torch._dynamo.maybe_mark_dynamic(slots, 1)
-            torch._dynamo.maybe_mark_dynamic(mask, 1)
-        ids_t = torch.tensor(list(ids) + [0] * (C - S), dtype=torch.long, device=dev)
+            torch._dynamo.maybe_mark_dynamic(mask, 2)
+        keep = [i * Q + r for i, q in enumerate(qlens) for r in range(q)]
+        return C, pos, slots, mask, new_slots, keep
+
+    def forward(self, ids: list[int], tables: list[list[int]], starts: list[int], qlens: list[int] | None = None,
+                queries: int = 1) -> torch.Tensor:
+        """Sequence i feeds qlens[i] <= queries tokens (ids, packed in order) at positions starts[i]…
+        along block table tables[i]. Returns the final normed hidden states of those tokens [Σ qlens, D]."""
+        qlens = [1] * len(tables) if qlens is None else qlens
+        if not self.fits(len(tables), qlens, queries):
+            raise ValueError(f"{len(tables)} sequences x {max(qlens)} tokens exceed the capture sizes "
+                             f"({self.max_size} sequences, {queries} tokens)")
+        C, pos, slots, mask, new_slots, keep = self._batch(tables, starts, qlens, queries)
+        self.calls[f"q{queries}"] += 1
+        dev = slots.device
+        keep_t = torch.tensor(keep, dtype=torch.long, device=dev)
+        ids_t = torch.zeros(C * queries, dtype=torch.long, device=dev)
+        ids_t[keep_t] = torch.tensor(ids, dtype=torch.long, device=dev)
         model = self.model
-        cos, sin = model.rotary(start_t[None])
+        cos, sin = model.rotary(pos.view(1, -1))
         x = model.embed_tokens(ids_t)
-        for block, layer in zip(model.layers, self.layer_fns):
-            x = layer(block, x, cos, sin, self.cache.pool[block.self_attn.layer_idx], new_slots, slots, mask)
-        return self.norm(model, x)[:S]
+        for fn, blocks, norm, idx in self.runs:
+            x = fn(blocks, norm, x, cos, sin, tuple(self.cache.pool[i] for i in idx), new_slots, slots, mask)
+        return x[keep_t]
+
+    def mtp_forward(self, hidden: torch.Tensor, ids: list[int], tables, starts, qlens) -> torch.Tensor:
+        """The MTP module's pass (speculative.py's _run) on the same grid: hidden [Σ qlens, D] of the
+        main model at positions starts[i]-1…, ids the tokens at starts[i]…; -> [Σ qlens, D]."""
+        Q = self.mtp_queries
+        C, pos, slots, mask, new_slots, keep = self._batch(tables, starts, qlens, Q, skip_first=True)
+        self.calls["mtp"] += 1
+        dev = slots.device
+        keep_t = torch.tensor(keep, dtype=torch.long, device=dev)
+        ids_t = torch.zeros(C * Q, dtype=torch.long, device=dev)
+        ids_t[keep_t] = torch.tensor(ids, dtype=torch.long, device=dev)
+        h = hidden.new_zeros(C * Q, hidden.shape[-1])
+        h[keep_t] = hidden
+        model = self.model
+        module = model.mtp[0]
+        cos, sin = model.rotary(pos.view(1, -1))
+        out = self.mtp(module, h, model.embed_tokens(ids_t), cos, sin,
+                       self.cache.pool[module.block.self_attn.layer_idx], new_slots, slots, mask)
+        return out[keep_t]
 
     @torch.inference_mode()
     def warm_up(self) -> float:
         """Compile (or load from inductor's cache) every size now; returns the seconds it took. The
-        pad rows' writes all land in the scratch slot, so this touches no sequence's cache."""
+        pad rows' writes all land in the scratch block, so this touches no sequence's cache."""
         t0 = time.perf_counter()
         for size in self.sizes:
-            self.forward([0] * size, [[self.scratch_block]] * size, [0] * size)
+            for Q in self.queries:
+                self.forward([0] * size * Q, [[self.scratch_block]] * size, [0] * size, [Q] * size, Q)
+            if self.mtp is not None:
+                Q = self.mtp_queries
+                D = self.model.config.hidden_size
+                self.mtp_forward(torch.zeros(size * Q, D, dtype=next(self.model.parameters()).dtype,
+                                             device=self.cache.pool[0].device),
+                                 [0] * size * Q, [[self.scratch_block]] * size, [1] * size, [Q] * size)
         self.compile_seconds = time.perf_counter() - t0
+        self.calls.clear()
         if self.log:
-            self.log(f"compiled decode steps at batch sizes {', '.join(map(str, self.sizes))} in "
+            q = "" if self.queries == (1,) else f" x {'/'.join(map(str, self.queries))} tokens"
+            m = f", the MTP pass at {self.mtp_queries} tokens" if self.mtp is not None else ""
+            self.log(f"compiled decode steps at batch sizes {', '.join(map(str, self.sizes))}{q}{m} in "
                      f"{self.compile_seconds:.1f} s")
         return self.compile_seconds

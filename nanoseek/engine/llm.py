@@ -107,10 +107,12 @@ class LLM:
             from nanoseek.engine.graphs import DEFAULT_SIZES, DecodeGraphs
             sizes = compile_sizes or tuple(s for s in DEFAULT_SIZES if s < max_num_seqs) + (
                 min(max_num_seqs, DEFAULT_SIZES[-1]),)
-            graphs = DecodeGraphs(model, self.cache, num_blocks, sizes, log=log)
+            queries = (1, 1 + speculative_tokens) if spec else (1,)
+            graphs = DecodeGraphs(model, self.cache, num_blocks, sizes, log=log, queries=queries,
+                                  mtp_queries=1 + speculative_tokens if spec else 0)
             self.compile_seconds = graphs.warm_up()
         self.runner = ModelRunner(model, self.cache, graphs)
-        self.drafter = MTPDrafter(model, self.cache, speculative_tokens) if spec else None
+        self.drafter = MTPDrafter(model, self.cache, speculative_tokens, graphs) if spec else None
         self.max_model_len = max_model_len or cfg.max_position_embeddings
         eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id]
         if tokenizer is not None and getattr(tokenizer, "eos_id", None) is not None:

@@ -8,9 +8,10 @@ absorbed form by itself while the step's padded queries per sequence are few
 (nanoseek/model/mla.py): every decode step and speculative verification, and steps whose
 prefill chunks are short; a step with a long prefill chunk runs naive.
 
-A step in which every sequence decodes one token (no prefill chunk, no draft) runs through the
-compiled decode graphs when the engine has them (LLM(compile=True), graphs.py), padded up to a
-capture size; the eager path above is their reference.
+A step in which every sequence feeds its newest token (no prefill chunk), with or without
+speculative drafts behind it, runs through the compiled graphs when the engine has them
+(LLM(compile=True), graphs.py), padded up to a capture size and a warmed number of tokens per
+sequence; the eager path above is their reference.
 
 Logits are computed only at the rows that are sampled (`logits(rows)`): the last row of a finished
 prefill, the 1 + k rows of a verification; a 2k-token prefill pays the vocabulary projection once,
@@ -34,9 +35,12 @@ class ModelRunner:
     def forward(self, work: list[Scheduled]) -> torch.Tensor:
         """Feed the step's tokens; returns the final (normed) hidden states [N, D] in input order."""
         g = self.graphs
-        if g is not None and len(work) <= g.max_size and all(w.num_inputs == 1 for w in work):
-            return g.forward([w.seq.token_ids[w.seq.num_computed] for w in work],
-                             [w.seq.block_table for w in work], [w.seq.num_computed for w in work])
+        if g is not None and all(w.num_tokens == 1 for w in work):
+            qlens = [w.num_inputs for w in work]
+            Q = next((q for q in g.queries if q >= max(qlens)), None)
+            if Q is not None and g.fits(len(work), qlens, Q):
+                return g.forward([t for w in work for t in [w.seq.token_ids[w.seq.num_computed]] + w.draft],
+                                 [w.seq.block_table for w in work], [w.seq.num_computed for w in work], qlens, Q)
         ids, tables, starts, qlens = [], [], [], []
         for w in work:
             s = w.seq

@@ -75,13 +75,19 @@ def accept_sampled(p: torch.Tensor, q: torch.Tensor, draft: list[int], generator
 class MTPDrafter:
     """Runs the MTP catch-up + draft pass for a step's sequences (see the module docstring)."""
 
-    def __init__(self, model, cache: KVMemory, num_tokens: int):
+    def __init__(self, model, cache: KVMemory, num_tokens: int, graphs=None):
+        """graphs: the engine's DecodeGraphs (graphs.py); with its MTP pass, catch-ups of at most
+        1 + k tokens per sequence run compiled."""
         if not len(model.mtp):
             raise ValueError("speculative decoding needs a model with MTP modules (num_nextn_predict_layers > 0)")
         self.model, self.cache, self.k = model, cache, num_tokens
         self.module = model.mtp[0]
+        self.graphs = graphs if graphs is not None and graphs.mtp is not None else None
 
     def _run(self, seqs, starts, qlens, hidden: torch.Tensor, tokens: list[int]) -> torch.Tensor:
+        g = self.graphs
+        if g is not None and g.fits(len(seqs), qlens, g.mtp_queries):
+            return g.mtp_forward(hidden, tokens, [s.block_table for s in seqs], starts, qlens)
         batch = self.cache.paged_batch([s.block_table for s in seqs], starts, qlens, skip_first=True)
         cos, sin = self.model.rotary(batch.positions)
         emb = self.model.embed_tokens(torch.tensor(tokens, device=hidden.device))[None]

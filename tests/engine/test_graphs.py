@@ -7,7 +7,9 @@ import pytest
 
 from nanoseek.config import qwen2_tiny
 from nanoseek.engine import LLM, SamplingParams
+from nanoseek.engine import graphs
 from nanoseek.engine.graphs import DecodeGraphs
+from nanoseek.engine.speculative import MTPDrafter
 from tests.engine.test_engine import V, _model, _prompts, _v3
 
 
@@ -22,16 +24,23 @@ def _run(llm, prompts, n=1, max_tokens=12):
     return [[c.token_ids for c in o] for o in outs], [[c.logprobs for c in o] for o in outs]
 
 
-def _uncompiled_graphs(llm, sizes):
+def _uncompiled_graphs(llm, sizes, k=0):
     """The graphs' eager form (compile=False): the same pieces, padding and scratch block."""
-    llm.runner.graphs = DecodeGraphs(llm.model, llm.cache, llm.blocks.num_blocks, sizes, compile=False)
+    g = DecodeGraphs(llm.model, llm.cache, llm.blocks.num_blocks, sizes, compile=False,
+                     queries=(1, 1 + k) if k else (1,), mtp_queries=1 + k if k else 0)
+    llm.runner.graphs = g
+    if llm.drafter is not None:
+        llm.drafter.graphs = g
     return llm
 
 
+@pytest.mark.parametrize("per_graph", [1, 8])
 @pytest.mark.parametrize("arch", ["v3", "qwen2"])
-def test_decode_graph_pieces_equal_the_eager_model(arch):
-    """Uncompiled pieces vs the model's own forward: padding to a capture size, ragged contexts."""
-    model = _model(_v3()) if arch == "v3" else _qwen2()
+def test_decode_graph_pieces_equal_the_eager_model(arch, per_graph, monkeypatch):
+    """Uncompiled pieces vs the model's own forward: padding to a capture size, ragged contexts;
+    the layers as one run or one run each."""
+    monkeypatch.setattr(graphs, "LAYERS_PER_GRAPH", per_graph)
+    model = _model(_v3(num_hidden_layers=3)) if arch == "v3" else _qwen2()
     prompts = _prompts([3, 17, 9, 30, 1])                   # 5 sequences -> capture size 8: 3 pad rows
     ref = LLM(model, block_size=8, num_blocks=64)
     got = _uncompiled_graphs(LLM(model, block_size=8, num_blocks=64), (1, 2, 8))
@@ -67,3 +76,55 @@ def test_compiled_decode_equals_eager(arch):
         for x, y in zip(a, b):
             assert x == pytest.approx(y, abs=1e-3)
     assert _run(got, prompts[:1])[0] == _run(ref, prompts[:1])[0]      # batch 1 after batch 4
+
+
+def _capture_drafts(monkeypatch):
+    """Every draft distribution the drafter proposes from, in order."""
+    captured = []
+    propose = MTPDrafter._propose
+
+    def spy(self, seqs, logits):
+        captured.extend(row.clone() for row in logits)
+        return propose(self, seqs, logits)
+    monkeypatch.setattr(MTPDrafter, "_propose", spy)
+    return captured
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_graph_pieces_with_speculation_equal_eager(monkeypatch, k):
+    """Verification steps (1 + k tokens per sequence, fewer where a draft is short) and the MTP
+    pass (catch-ups of 1..1+k tokens) on the padded grid: the same tokens and draft distributions
+    as the eager engine, and they did run (counted)."""
+    model = _model(_v3(num_nextn_predict_layers=1))
+    prompts = _prompts([3, 17, 9, 30, 1], seed=5)
+    captured = _capture_drafts(monkeypatch)
+    ref = LLM(model, block_size=4, num_blocks=96, speculative_tokens=k)
+    tok_r, _ = _run(ref, prompts)
+    drafts_r = list(captured)
+    captured.clear()
+    got = _uncompiled_graphs(LLM(model, block_size=4, num_blocks=96, speculative_tokens=k), (1, 2, 8), k)
+    tok_g, _ = _run(got, prompts)
+    assert tok_g == tok_r
+    assert len(captured) == len(drafts_r)
+    for a, b in zip(captured, drafts_r):
+        assert (a - b).abs().max() <= 1e-4 * max(1.0, float(b.abs().max()))
+    calls = got.runner.graphs.calls
+    assert calls[f"q{1 + k}"] > 0 and calls["mtp"] > 0
+
+
+def test_compiled_speculative_decode_equals_eager(monkeypatch):
+    """LLM(compile=True, speculative_tokens=1): compiled verification and MTP pass, same greedy tokens
+    as the eager speculative engine and as plain decoding."""
+    model = _model(_v3(num_nextn_predict_layers=1))
+    prompts = _prompts([3, 17, 9], seed=6)
+    plain = LLM(model, block_size=4, num_blocks=96)
+    ref = LLM(model, block_size=4, num_blocks=96, speculative_tokens=1)
+    got = LLM(model, block_size=4, num_blocks=96, speculative_tokens=1, compile=True, compile_sizes=(1, 4))
+    tok_p, _ = _run(plain, prompts)
+    (tok_r, lp_r), (tok_g, lp_g) = _run(ref, prompts), _run(got, prompts)
+    assert tok_g == tok_r == tok_p
+    for a, b in zip(lp_g, lp_r):
+        for x, y in zip(a, b):
+            assert x == pytest.approx(y, abs=1e-3)
+    calls = got.runner.graphs.calls
+    assert calls["q2"] > 0 and calls["mtp"] > 0
