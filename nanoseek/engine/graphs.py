@@ -161,12 +161,36 @@ def gqa_moe_layer(block, x, cos, sin, pool, new_slots, ctx_slots, mask):
     return post_moe(block, x, gqa_attention(block, pool, q, entries, new_slots, ctx_slots, mask))
 
 
-def mtp_layer(module, hidden, emb, cos, sin, pool, new_slots, ctx_slots, mask):
+def grid(rotary, table, meta, Q: int, bs: int, scratch: int, skip_first: bool):
+    """The step's index math, inside the first compiled function (in eager it was ~20 small ops):
+    table [C, nb] block ids, meta [C, 2] (start, number of valid rows) -> cos, sin of the C·Q rows'
+    positions, new_slots [C·Q], ctx_slots [C, L], mask [C, Q, L] with L = nb · block size."""
+    C, nb = table.shape
+    L = nb * bs
+    ar = torch.arange(max(L, Q), device=table.device)
+    slots = (table[:, :, None] * bs + ar[:bs]).view(C, L)
+    j = ar[:Q]
+    start, qlen = meta[:, 0], meta[:, 1]
+    pos = start[:, None] + j                                                         # [C, Q]
+    valid = j < qlen[:, None]
+    # an invalid row (a sequence feeding fewer than Q tokens) sees its sequence's first row's
+    # context and writes its entry into the scratch block; its output is dropped
+    seen = torch.where(valid, pos, start[:, None])
+    mask = ar[:L] <= seen[:, :, None]                                                # [C, Q, L]
+    if skip_first:
+        mask = mask & (ar[:L] > 0)
+    new_slots = torch.where(valid, slots.gather(1, pos.clamp(max=L - 1)), scratch * bs + j).view(-1)
+    cos, sin = rotary(pos.view(1, -1))
+    return cos, sin, new_slots, slots, mask
+
+
+def mtp_layer(module, embed, rotary, hidden, ids, table, meta, pool, Q: int, bs: int, scratch: int):
     """The MTP module (model/mtp.py) over the paged cache: eh_proj of the normed embedding and hidden,
-    its block (MLA + MoE, cache layer N), its norm. hidden, emb [C·Q, D] -> [C·Q, D]."""
-    x = module.eh_proj(torch.cat([module.enorm(emb), module.hnorm(hidden)], dim=-1))
+    its block (MLA + MoE, cache layer N), its norm. hidden [C·Q, D], ids [C·Q] -> [C·Q, D]."""
+    cos, sin, new_slots, slots, mask = grid(rotary, table, meta, Q, bs, scratch, True)
+    x = module.eh_proj(torch.cat([module.enorm(embed(ids)), module.hnorm(hidden)], dim=-1))
     q, entries = mla_pre(module.block, x, cos, sin)
-    out = post_moe(module.block, x, mla_attention(module.block, pool, q, entries, new_slots, ctx_slots, mask))
+    out = post_moe(module.block, x, mla_attention(module.block, pool, q, entries, new_slots, slots, mask))
     return module.norm(out)
 
 
@@ -178,11 +202,21 @@ def layer_kind(block) -> tuple[bool, bool]:
     return isinstance(block.self_attn, MLA), isinstance(block.mlp, MoE)
 
 
-def run_layers(blocks, norm, x, cos, sin, pools, new_slots, ctx_slots, mask):
-    """A run of consecutive layers (dynamo unrolls the loop: one graph, one call a step), then the
-    final norm when `norm` is given (the last run)."""
+def first_layers(blocks, norm, embed, rotary, ids, table, meta, pools, Q: int, bs: int, scratch: int):
+    """The first run of layers (dynamo unrolls the loop: one graph, one call a step), starting from
+    the token ids and the block tables (`grid`); the final norm too when it is also the last run.
+    Returns the hidden states and the grid, for the runs after it."""
+    cos, sin, new_slots, slots, mask = grid(rotary, table, meta, Q, bs, scratch, False)
+    x = embed(ids)
     for block, pool in zip(blocks, pools):
-        x = LAYER_FNS[layer_kind(block)](block, x, cos, sin, pool, new_slots, ctx_slots, mask)
+        x = LAYER_FNS[layer_kind(block)](block, x, cos, sin, pool, new_slots, slots, mask)
+    return (x if norm is None else norm(x)), (cos, sin, new_slots, slots, mask)
+
+
+def next_layers(blocks, norm, x, cos, sin, new_slots, slots, mask, pools):
+    """A later run of layers, then the final norm when `norm` is given (the last run)."""
+    for block, pool in zip(blocks, pools):
+        x = LAYER_FNS[layer_kind(block)](block, x, cos, sin, pool, new_slots, slots, mask)
     return x if norm is None else norm(x)
 
 
@@ -241,13 +275,12 @@ class DecodeGraphs:
         for i in range(0, len(layers), per):
             blocks = tuple(layers[i:i + per])
             last = i + per >= len(layers)
-            kinds = (tuple(layer_kind(b) for b in blocks), last)
+            kinds = (tuple(layer_kind(b) for b in blocks), i == 0, last)
             if kinds not in fns:
-                fns[kinds] = wrap(run_layers, (key, kinds))
+                fns[kinds] = wrap(first_layers if i == 0 else next_layers, (key, kinds))
             self.runs.append((fns[kinds], blocks, model.norm if last else None,
                               tuple(b.self_attn.layer_idx for b in blocks)))
         self.mtp = wrap(mtp_layer) if mtp_queries else None
-        self._arange = torch.arange(cache.num_blocks * cache.block_size, device=cache.pool[0].device)
 
     @property
     def max_size(self) -> int:
@@ -259,40 +292,33 @@ class DecodeGraphs:
     def fits(self, num_seqs: int, qlens: list[int], queries: int) -> bool:
         return num_seqs <= self.max_size and max(qlens) <= queries
 
-    def _batch(self, tables, starts, qlens, Q: int, skip_first: bool = False):
+    def _inputs(self, ids, tables, starts, qlens, Q: int, skip_first: bool = False):
         """Row (i, j) of the padded [C, Q] grid is sequence i's j-th new token at position starts[i] + j,
-        valid while j < qlens[i]. Returns C, positions [C, Q], ctx_slots [C, L], mask [C, Q, L],
-        new_slots [C·Q] and the flat indices of the valid rows (in the eager runner's packed order)."""
+        valid while j < qlens[i]. Three tensors made in Python (the rest is `grid`, compiled): ids
+        [C·Q], the block table [C, nb] (nb >= 2: a dynamic dimension of size 1 would be
+        specialised), (start, valid rows) [C, 2]; and the flat indices of the valid rows in the eager
+        runner's packed order (None when every row is valid)."""
         S = len(tables)
         C = self.size_for(S)
         dev, bs = self.cache.pool[0].device, self.cache.block_size
-        # the context is every slot of the first nb blocks (at least 2 slots: a dynamic dimension of
-        # size 1 would be specialised); the mask hides the slots past each row's position
-        nb = max(-(-max(s + q for s, q in zip(starts, qlens)) // bs), -(-max(2, Q) // bs))
+        nb = max(-(-max(s + q for s, q in zip(starts, qlens)) // bs), 2)
         # pad sequences and table entries past a sequence's blocks point at the scratch block; a pad
-        # sequence (token 0 at positions 0..Q-1) writes the scratch block's first slots and reads them
+        # sequence (token 0 at positions 0..Q-1, 1..Q for the MTP pass) writes and reads it alone
         rows = [t[:nb] + [self.scratch_block] * (nb - len(t[:nb])) for t in tables]
         rows += [[self.scratch_block] * nb] * (C - S)
         table = torch.tensor(rows, dtype=torch.long, device=dev)
-        start_t = torch.tensor(list(starts) + [int(skip_first)] * (C - S), dtype=torch.long, device=dev)
-        qlen_t = torch.tensor(list(qlens) + [Q] * (C - S), dtype=torch.long, device=dev)
-        slots = (table[:, :, None] * bs + self._arange[:bs]).view(C, -1)                # [C, L]
-        j = self._arange[:Q]
-        pos = start_t[:, None] + j                                                       # [C, Q]
-        valid = j < qlen_t[:, None]
-        # an invalid row (a sequence feeding fewer than Q tokens) sees its sequence's first row's
-        # context and writes its entry into the scratch block; its output is dropped
-        seen = torch.where(valid, pos, start_t[:, None])
-        mask = self._arange[:nb * bs] <= seen[:, :, None]                                # [C, Q, L]
-        if skip_first:
-            mask[:, :, 0] = False
-        scratch = self.scratch_block * bs + j
-        new_slots = torch.where(valid, slots.gather(1, pos.clamp(max=nb * bs - 1)), scratch).view(-1)
+        meta = torch.tensor([[s, q] for s, q in zip(starts, qlens)] + [[int(skip_first), Q]] * (C - S),
+                            dtype=torch.long, device=dev)
+        if all(q == Q for q in qlens) and S == C:
+            keep, flat = None, list(ids)
+        else:
+            keep = [i * Q + r for i, q in enumerate(qlens) for r in range(q)]
+            flat = [0] * (C * Q)
+            for k, t in zip(keep, ids):
+                flat[k] = t
         if self.compiled:
-            torch._dynamo.maybe_mark_dynamic(slots, 1)
-            torch._dynamo.maybe_mark_dynamic(mask, 2)
-        keep = [i * Q + r for i, q in enumerate(qlens) for r in range(q)]
-        return C, pos, slots, mask, new_slots, keep
+            torch._dynamo.maybe_mark_dynamic(table, 1)
+        return torch.tensor(flat, dtype=torch.long, device=dev), table, meta, keep
 
     def forward(self, ids: list[int], tables: list[list[int]], starts: list[int], qlens: list[int] | None = None,
                 queries: int = 1) -> torch.Tensor:
@@ -302,37 +328,34 @@ class DecodeGraphs:
         if not self.fits(len(tables), qlens, queries):
             raise ValueError(f"{len(tables)} sequences x {max(qlens)} tokens exceed the capture sizes "
                              f"({self.max_size} sequences, {queries} tokens)")
-        C, pos, slots, mask, new_slots, keep = self._batch(tables, starts, qlens, queries)
+        ids_t, table, meta, keep = self._inputs(ids, tables, starts, qlens, queries)
         self.calls[f"q{queries}"] += 1
-        dev = slots.device
-        keep_t = torch.tensor(keep, dtype=torch.long, device=dev)
-        ids_t = torch.zeros(C * queries, dtype=torch.long, device=dev)
-        ids_t[keep_t] = torch.tensor(ids, dtype=torch.long, device=dev)
-        model = self.model
-        cos, sin = model.rotary(pos.view(1, -1))
-        x = model.embed_tokens(ids_t)
-        for fn, blocks, norm, idx in self.runs:
-            x = fn(blocks, norm, x, cos, sin, tuple(self.cache.pool[i] for i in idx), new_slots, slots, mask)
-        return x[keep_t]
+        model, pool = self.model, self.cache.pool
+        (fn, blocks, norm, idx), rest = self.runs[0], self.runs[1:]
+        x, g = fn(blocks, norm, model.embed_tokens, model.rotary, ids_t, table, meta, tuple(pool[i] for i in idx),
+                  queries, self.cache.block_size, self.scratch_block)
+        if rest and self.compiled:
+            torch._dynamo.maybe_mark_dynamic(g[3], 1)
+            torch._dynamo.maybe_mark_dynamic(g[4], 2)
+        for fn, blocks, norm, idx in rest:
+            x = fn(blocks, norm, x, *g, tuple(pool[i] for i in idx))
+        return x if keep is None else x[torch.tensor(keep, device=x.device)]
 
     def mtp_forward(self, hidden: torch.Tensor, ids: list[int], tables, starts, qlens) -> torch.Tensor:
         """The MTP module's pass (speculative.py's _run) on the same grid: hidden [Σ qlens, D] of the
         main model at positions starts[i]-1…, ids the tokens at starts[i]…; -> [Σ qlens, D]."""
         Q = self.mtp_queries
-        C, pos, slots, mask, new_slots, keep = self._batch(tables, starts, qlens, Q, skip_first=True)
+        ids_t, table, meta, keep = self._inputs(ids, tables, starts, qlens, Q, skip_first=True)
         self.calls["mtp"] += 1
-        dev = slots.device
-        keep_t = torch.tensor(keep, dtype=torch.long, device=dev)
-        ids_t = torch.zeros(C * Q, dtype=torch.long, device=dev)
-        ids_t[keep_t] = torch.tensor(ids, dtype=torch.long, device=dev)
-        h = hidden.new_zeros(C * Q, hidden.shape[-1])
-        h[keep_t] = hidden
+        if keep is not None:
+            keep_t = torch.tensor(keep, device=hidden.device)
+            hidden = hidden.new_zeros(ids_t.shape[0], hidden.shape[-1]).index_copy_(0, keep_t, hidden)
         model = self.model
         module = model.mtp[0]
-        cos, sin = model.rotary(pos.view(1, -1))
-        out = self.mtp(module, h, model.embed_tokens(ids_t), cos, sin,
-                       self.cache.pool[module.block.self_attn.layer_idx], new_slots, slots, mask)
-        return out[keep_t]
+        out = self.mtp(module, model.embed_tokens, model.rotary, hidden, ids_t, table, meta,
+                       self.cache.pool[module.block.self_attn.layer_idx], Q, self.cache.block_size,
+                       self.scratch_block)
+        return out if keep is None else out[keep_t]
 
     @torch.inference_mode()
     def warm_up(self) -> float:
