@@ -1,4 +1,8 @@
-"""`nanoseek bench engine`: the engine against transformers' `generate`, on the same tiny weights.
+"""`nanoseek bench engine`: the engine against transformers' `generate`, on the same weights.
+
+The engine runs its compiled decode steps (engine/graphs.py; --no-compile: the eager engine);
+`compile_seconds` is what compiling cost this run (inductor's on-disk cache makes a second run's
+much smaller).
 
 Figures (--reps rounds, interleaved ours/theirs in alternating order so load from other jobs hits
 both; tokens/s from median times, ratios as the median of per-round paired ratios):
@@ -8,7 +12,8 @@ both; tokens/s from median times, ratios as the median of per-round paired ratio
   prefix     TTFT of a request whose ~2k-token prefix is cached vs the same request after
              `clear_prefix_cache()` (the miss computes all of it in one chunk).
   kv bytes   cached bytes per token: MLA's latent + rope key vs the same model's per-head K and V.
-  MTP        batch-1 greedy decode with 1 MTP draft per step vs without (same engine settings):
+  MTP        greedy decode with 1 MTP draft per step vs without, both engines alike (compiled
+             unless --no-compile), at batch 1 (8 prompts in turn) and batch 8 (together):
              acceptance = accepted / proposed drafts, speed-up = tokens/s ratio; outputs must be
              identical. Needs a trained MTP module (random heads accept ~nothing): without --model
              the bench first pretrains the tiny preset for --train-steps (8×128 tokens each) on
@@ -116,29 +121,43 @@ def paired(times: dict, slow: str, fast: str) -> float:
     return statistics.median(a / b for a, b in zip(times[slow], times[fast]))
 
 
-def decode_figures(llm, hf, vocab: int, reps: int, batches=(1, 16), new_tokens: int = 64) -> dict:
+def decode_figures(llm, hf, vocab: int, reps: int, batches=(1, 16), new_tokens: int = 64,
+                   decode_only: bool = False) -> dict:
+    """tokens/s of both sides at each batch size, prefill included. decode_only: also time each side
+    making 1 token (prefill + 1) and report the rate of the other new_tokens - 1 tokens,
+    (new_tokens - 1) / (t(new_tokens) - t(1)): the decode step alone, what a memory-bandwidth limit
+    speaks about (a bf16 prefill of 16 tokens is GEMM-bound here, and would hide it)."""
     from nanoseek.engine import SamplingParams
     out = {}
-    sp = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     for B in batches:
         g = torch.Generator().manual_seed(B)
         prompts = torch.randint(10, vocab, (B, 16), generator=g)
         got = {}
 
-        def ours():
+        def ours(n=new_tokens):
             llm.clear_prefix_cache()
-            got["ours"] = [o[0].token_ids for o in llm.generate(prompts.tolist(), sp)]
+            sp = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+            got["ours" if n == new_tokens else "ours1"] = [o[0].token_ids for o in llm.generate(prompts.tolist(), sp)]
 
-        def theirs():
-            ids = hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
-                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-            got["hf"] = ids[:, prompts.shape[1]:].tolist()
-        t = interleaved({"ours": ours, "hf": theirs}, reps)
+        def theirs(n=new_tokens):
+            ids = hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n,
+                              min_new_tokens=n, do_sample=False, pad_token_id=0)
+            got["hf" if n == new_tokens else "hf1"] = ids[:, prompts.shape[1]:].tolist()
+        fns = {"ours": ours, "hf": theirs}
+        if decode_only:
+            fns.update(ours1=lambda: ours(1), hf1=lambda: theirs(1))
+        t = interleaved(fns, reps)
         out[f"decode_b{B}_tok_s"] = B * new_tokens / statistics.median(t["ours"])
         out[f"decode_b{B}_tok_s_transformers"] = B * new_tokens / statistics.median(t["hf"])
         out[f"decode_b{B}_paired_ratio"] = paired(t, "hf", "ours")
+        if decode_only:
+            for side, key in (("ours", ""), ("hf", "_transformers")):
+                step = statistics.median(a - b for a, b in zip(t[side], t[side + "1"])) / (new_tokens - 1)
+                out[f"decode_only_b{B}_tok_s{key}"] = B / step
         # greedy on the same weights: the share of sequences whose tokens agree with transformers'
+        # (random bf16 weights give near-tied logits: see main_1p5b)
         out[f"decode_b{B}_same_tokens"] = sum(a == b for a, b in zip(got["ours"], got["hf"])) / B
+        out[f"decode_b{B}_same_first_token"] = sum(a[0] == b[0] for a, b in zip(got["ours"], got["hf"])) / B
     return out
 
 
@@ -191,16 +210,27 @@ def main_1p5b(args, log) -> int:
     bandwidth = memory_bandwidth()
     log("decode …")
     with torch.inference_mode():
-        figures = decode_figures(llm, hf, cfg.vocab_size, args.reps, batches=(1, 8), new_tokens=24)
+        figures = decode_figures(llm, hf, cfg.vocab_size, args.reps, batches=(1, 8), new_tokens=24, decode_only=True)
+        # agreement on the logits themselves: with random bf16 weights the top-2 logits of a 28-layer
+        # model are often within bf16's rounding of each other, so greedy tokens can part ways
+        # without anything being wrong; these say by how much the two sides' logits differ
+        prompt = torch.randint(10, cfg.vocab_size, (1, 16), generator=torch.Generator().manual_seed(7))
+        theirs = hf(prompt).logits[0, -1].float()
+        ours = llm.model(prompt).logits[0, -1].float()
+        top2 = theirs.topk(2).values
     limit = bandwidth / weight_bytes
     figures.update(memory_bandwidth_gb_s=bandwidth / 1e9, weight_gb_read_per_token=weight_bytes / 1e9,
                    bandwidth_limit_tok_s=limit, peak_rss_gb=rss_bytes() / 1e9,
-                   compile_seconds=llm.compile_seconds or 0.0)
+                   compile_seconds=llm.compile_seconds or 0.0,
+                   last_logits_max_abs_diff=float((ours - theirs).abs().max()),
+                   last_logits_top2_gap=float(top2[0] - top2[1]),
+                   last_logits_same_argmax=float(ours.argmax() == theirs.argmax()))
     ratios = {
         "decode_batch1_vs_transformers": figures.pop("decode_b1_paired_ratio"),
         "decode_batch8_vs_transformers": figures.pop("decode_b8_paired_ratio"),
-        "decode_batch1_of_bandwidth_limit": figures["decode_b1_tok_s"] / limit,
-        "transformers_batch1_of_bandwidth_limit": figures["decode_b1_tok_s_transformers"] / limit,
+        "decode_batch1_of_bandwidth_limit": figures["decode_only_b1_tok_s"] / limit,
+        "transformers_batch1_of_bandwidth_limit": figures["decode_only_b1_tok_s_transformers"] / limit,
+        "decode_batch1_with_prefill_of_bandwidth_limit": figures["decode_b1_tok_s"] / limit,
     }
     config = {"preset": "r1_distill_qwen_1p5b", "dtype": "bfloat16", "reps": args.reps,
               "threads": torch.get_num_threads(), "compile": args.compile,
@@ -289,7 +319,8 @@ def main(args) -> int:
         hf = transformers.AutoModelForCausalLM.from_pretrained(d).eval()
     cfg = model.config
     engine_kw = dict(block_size=16, max_num_batched_tokens=4096)
-    llm = LLM(model, tok, compile=args.compile, log=log, **engine_kw)
+    # capture sizes: the batch sizes measured here (a server would take graphs.DEFAULT_SIZES)
+    llm = LLM(model, tok, compile=args.compile, compile_sizes=(1, 8, 16), log=log, **engine_kw)
     log("decode ...")
     with torch.inference_mode():
         figures = decode_figures(llm, hf, cfg.vocab_size, args.reps)

@@ -65,6 +65,7 @@ nice 19, 1 torch thread on each side): `nanoseek bench serve --json` twice, 84 s
 """
 from __future__ import annotations
 
+import argparse
 import asyncio
 import math
 import os
@@ -117,6 +118,8 @@ def add_arguments(p) -> None:
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together at most")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the server and of the in-process engine")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts, arrivals and sampling")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="the server and the in-process engine with compiled decode steps (engine/graphs.py)")
 
 
 # ------------------------------------------------------------------ the default model
@@ -170,7 +173,7 @@ class ServerProcess:
         cmd = [sys.executable, "-m", "nanoseek", "serve", "--model", model_dir, "--port", str(self.port),
                "--served-model-name", NAME, "--log-level", "warning", "--max-queue", "100000",
                "--shutdown-grace-s", "0", "--block-size", str(args.block_size), "--kv-cache-mb", str(args.kv_cache_mb),
-               "--max-num-seqs", str(args.max_num_seqs)]
+               "--max-num-seqs", str(args.max_num_seqs), "--compile" if args.compile else "--no-compile"]
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), NANOSEEK_API_KEY="")
         self.log_path, self.log = log_path, open(log_path, "w")
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
@@ -326,7 +329,7 @@ def main(args) -> int:
         server = ServerProcess(model_dir, args, os.path.join(tmp, "serve.log"))
         try:
             llm = LLM(model, tok, block_size=args.block_size, kv_cache_memory=args.kv_cache_mb << 20,
-                      max_num_seqs=args.max_num_seqs)
+                      max_num_seqs=args.max_num_seqs, compile=args.compile)
             server.wait_ready()
             log(f"server up on {server.url}")
             figures, every = asyncio.run(run_workloads(server.url, args, Prompts(args), llm, tok, log))
@@ -339,7 +342,8 @@ def main(args) -> int:
     hit, miss = figures["prefix_hit_ttft_p50_ms"], figures["prefix_miss_ttft_p50_ms"]
     ratios = {"prefix_hit_vs_miss_ttft": miss / hit if hit and miss else None,
               "server_vs_engine_throughput": figures.pop("server_vs_engine_paired")}
-    config = {"model": source, "threads": args.threads, "requests": args.requests, "rates": args.rates,
+    config = {"model": source, "threads": args.threads, "compile": args.compile, "requests": args.requests,
+              "rates": args.rates,
               "concurrency": args.concurrency, "prompt_words": args.prompt_words, "output_tokens": args.output_tokens,
               "prefix_tokens": args.prefix_tokens, "prefix_requests": args.prefix_requests,
               "prefix_concurrency": args.prefix_concurrency, "reps": args.reps, "block_size": args.block_size,

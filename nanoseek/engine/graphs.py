@@ -7,18 +7,21 @@ vLLM's CUDA-graph capture sizes, done with inductor's CPU code generation.
     hidden = graphs.forward(ids, tables, starts)                   # [S, D], S <= max(sizes)
 
 Why. A decode step of the tiny model was ~2,400 eager aten ops for arithmetic that needs well
-under a millisecond (issue 13's profile): the time went to per-op dispatch. Here each layer is one
-compiled function: RMSNorm, projections, rope, W_UK absorption, storing the step's entries into the
+under a millisecond (issue 13's profile): the time went to per-op dispatch. Here a run of up to
+LAYERS_PER_GRAPH whole layers is one compiled function (the first run also does the step's index
+math and the embedding, `grid`; the last the final norm), each layer: RMSNorm, projections, rope, W_UK absorption, storing the step's entries into the
 paged pool, attention over the sequence's context, W_UV, o_proj, residuals and the MLP or MoE.
 Inductor fuses the elementwise work and calls GEMMs for the rest. The context length changes every
 step, so it is a dynamic dimension (one graph per batch size, not per length): the context is
 every slot of the sequence's first blocks, the mask hides the rest. Every layer of one kind shares
 one compiled graph per size (the functions take the layer as an argument; dynamo lifts its
 parameters to graph inputs, and guards on the layer's modules are skipped), so compiling costs
-sizes × layer kinds, not × layers: the 28-layer 1.5B model compiles as fast as a 2-layer one.
-A first version compiled pre- and post-attention pieces around eager attention (vLLM's split at
-attention): 9 compiled calls and ~32 eager ops a tiny step; one function per layer did better at
-batch 1 (graphs.forward 5.9 → 3.2 ms).
+sizes × distinct runs, not × layers: the 28-layer 1.5B model is 4 runs of 7 (3 distinct: first,
+middle, last). A first version compiled pre- and post-attention pieces around eager attention
+(vLLM's split at attention): 9 compiled calls and ~32 eager ops a tiny step. One function per layer
+did better (tiny, batch 1, graphs.forward 5.9 → 3.2 ms), runs of layers better again (generate,
+interleaved in one process: batch 1 179 → 214 tok/s, batch 16 978 → 1,118), and the index math
+inside the graph again (214 → 226, 1,118 → 1,224).
 
 MoE inside a compiled layer (moe.experts_auto under compile): few tokens gather the chosen experts'
 weights (inductor reads them in place: only those bytes move); more tokens call the grouped GEMMs
@@ -237,8 +240,9 @@ def _own_copy(fn, key):
 
 
 class DecodeGraphs:
-    """The model's decode and verification steps at fixed batch sizes: one compiled function per
-    layer (attention over the paged cache inside it, the context length a dynamic dimension)."""
+    """The model's decode and verification steps at fixed batch sizes: the layers in runs of at most
+    LAYERS_PER_GRAPH, one compiled function per run (attention over the paged cache inside it, the
+    context length a dynamic dimension), and optionally the MTP module's pass."""
 
     def __init__(self, model, cache, scratch_block: int, sizes=DEFAULT_SIZES, compile: bool = True, log=None,
                  queries=(1,), mtp_queries: int = 0):
@@ -259,11 +263,18 @@ class DecodeGraphs:
         # structure (its weights are graph inputs), and checking ~20 parameters' metadata per call
         # cost more than the graph itself at decode sizes. Graphs of one function differ only by the
         # batch size, a guard that stays. So a function must only ever see layers of one structure:
-        # each (attention kind, MLP kind) has its function, copied per model structure (_own_copy).
+        # each run's sequence of layer kinds has its function, copied per model structure (_own_copy).
         opts = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        if compile:
+            # one graph per (size, rows per sequence) for each function, and engines of one model
+            # structure share functions (speculation's engine adds its 1 + k rows to the plain
+            # engine's): past dynamo's default of 8 graphs a function would fall back to eager
+            import torch._dynamo.config as dynamo_config
+            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
         param = next(model.parameters())
         key = (repr(model.config), param.dtype, param.device.type,
                tuple(sorted({type(m).__qualname__ for m in model.modules()})))
+
         def wrap(f, k=key):
             return torch.compile(_own_copy(f, k), dynamic=False, options=opts) if compile else f
         # the layers in runs of at most LAYERS_PER_GRAPH, as even as possible (28 -> 4 x 7): runs with

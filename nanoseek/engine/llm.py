@@ -44,13 +44,10 @@ An `LLM(model)` built on a live module shares its parameters, so `update_weights
 argument only clears the cache. The engine never changes the module's train/eval mode: a forward
 pass with a cache does not depend on it.
 
-Measured (`nanoseek bench engine`, tiny preset, 1 thread, shared 2-core machine; see that file):
-decode 16-token prompts + 64 tokens: batch 1 ~250 tok/s (1.1× transformers' generate), batch 16
-~2.3k tok/s (1.2-1.3×). A decode step is ~2.4k eager aten ops for 4 layers; at batch 16 the step
-(6.8 ms) is attention 2.4 ms, MoE 2.5, norms 0.6, dense MLP 0.4, head 0.3, engine (schedule,
-batch building, sampling, bookkeeping) ~0.15. transformers runs the same op-bound structure, so at
-these short contexts the engine cannot be 3× faster without a model with far fewer, fused ops; the
-absorbed MLA wins grow with context (one decode query over 2k tokens: 0.33 vs 14.6 ms per layer).
+Measured when the engine landed (eager, tiny preset, 1 thread): a decode step was ~2.4k eager aten
+ops for 4 layers, so the engine ran ~1.1-1.3× transformers' generate. LLM(compile=True) runs decode
+and verification steps as compiled graphs (graphs.py); `nanoseek bench engine` has today's figures
+for both (--no-compile), and issue 13's note what bounds them.
 """
 from __future__ import annotations
 

@@ -8,6 +8,8 @@ completion is printed when all are done (`--json`: one object per prompt, one a 
 """
 from __future__ import annotations
 
+import argparse
+
 import json
 import sys
 
@@ -24,6 +26,8 @@ def add_arguments(p):
     p.add_argument("--seed", type=int, default=None, help="sampling seed (same seed, same tokens)")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeat for several)")
     p.add_argument("--speculative", type=int, default=0, help="MTP draft tokens per step (0 = off)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="compile the decode steps first (engine/graphs.py; pays off for long generations)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="weights dtype (default: the checkpoint's)")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
 
@@ -50,7 +54,8 @@ def main(args) -> int:
     params = SamplingParams(temperature=temp if args.temperature is None else args.temperature,
                             top_p=top_p if args.top_p is None else args.top_p, top_k=args.top_k,
                             max_tokens=args.max_tokens, seed=args.seed, n=args.n, stop=args.stop)
-    llm = LLM(args.model, dtype=args.dtype, speculative_tokens=args.speculative)
+    llm = LLM(args.model, dtype=args.dtype, speculative_tokens=args.speculative, compile=args.compile,
+              log=lambda m: print(m, file=sys.stderr))
     if llm.tokenizer is None:
         print(f"{args.model}: no tokenizer.json", file=sys.stderr)
         return 2

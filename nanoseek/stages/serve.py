@@ -19,6 +19,7 @@ running ones finish for --shutdown-grace-s, then ends the rest with an in-band 5
 """
 from __future__ import annotations
 
+import argparse
 import glob
 import os
 import sys
@@ -49,6 +50,10 @@ def add_arguments(p) -> None:
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together at most")
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     p.add_argument("--speculative", type=int, default=0, help="MTP draft tokens per step (0 = off)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="decode steps of up to 32 sequences as torch.compile'd graphs (engine/graphs.py), compiled "
+                        "at start-up (tiny model: ~2 min cold, seconds with inductor's cache warm); "
+                        "--no-compile serves with the eager engine")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="uvicorn's log level")
 
@@ -102,7 +107,8 @@ def main(args) -> int:
     if warning:
         print(warning, file=sys.stderr)
     llm = LLM(model_dir, dtype=args.dtype, block_size=args.block_size, kv_cache_memory=args.kv_cache_mb << 20,
-              max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, speculative_tokens=args.speculative)
+              max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, speculative_tokens=args.speculative,
+              compile=args.compile, log=lambda m: print(m, file=sys.stderr))
     temperature, top_p = sampling_defaults(model_dir)
     cfg = from_args(ServerConfig, args, served_model_names=tuple(args.served_model_name or [model]),
                     api_keys=tuple(keys), default_temperature=temperature, default_top_p=top_p)

@@ -53,7 +53,7 @@ def test_serve_command_answers_then_sigint_ends_running_streams_in_band(model_di
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NANOSEEK_API_KEY": "sk-env"}
     proc = subprocess.Popen([sys.executable, "-m", "nanoseek", "serve", "--model", model_dir, "--port", str(port),
                              "--served-model-name", "tiny", "--max-model-len", "4096", "--kv-cache-mb", "16",
-                             "--shutdown-grace-s", "0.5", "--log-level", "warning"],
+                             "--shutdown-grace-s", "0.5", "--log-level", "warning", "--no-compile"],
                             env=env, stderr=subprocess.PIPE, text=True)
     try:
         url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
