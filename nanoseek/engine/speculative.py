@@ -30,13 +30,12 @@ Acceptance (`accept_greedy`, `accept_sampled`) keeps the output exactly the targ
            draw one more from p. Every emitted token is then distributed as p.
 All random numbers come from the sequence's own generator (sequence.py).
 
-Measured (`nanoseek bench engine`: tiny preset whose MTP module was pretrained 120 steps on
-regular synthetic text, greedy, batch 1, 1 thread): acceptance 94-95 % with k = 1 (k = 2: 75 %,
-the recurrent second draft is much weaker, and slower overall), 1.95 tokens per step, speed-up
-1.17-1.26×. What bounds it: a speculative step costs ~1.5 plain steps (5.5 vs 3.6 ms), not the
-~1.2 a FLOP count suggests, because at this size time is per-op dispatch: the MTP pass (one
-block + eh_proj + 3 norms + head + its batch, ~1.4 ms) costs as much as 1.7 main layers, and
-verifying 2 tokens instead of 1 adds 14 % to the main pass (twice the experts touched).
+Measured (`nanoseek bench engine`, greedy, 1 thread, both engines compiled, 2026-11-30): the
+small preset (8 layers) pretrained 120 steps on regular synthetic text, k = 1: acceptance 0.88,
+speed-up 1.20× at batch 1 and 1.16× at batch 8; the tiny preset (4 layers): acceptance 0.90 and
+no gain (0.97×). A speculative step does a 2-token verification of the main model plus the MTP
+pass (one MoE layer, eh_proj, its head) and the accept bookkeeping: ~1.6 plain steps on small,
+~2 on tiny, against the 1.9 tokens it yields. (Eager, when this landed: 1.17-1.26× on tiny.)
 """
 from __future__ import annotations
 
