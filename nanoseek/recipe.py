@@ -258,7 +258,8 @@ def eval_jobs(s: Sizes, out: str) -> list[Job]:
                 outputs += [eval_file(out, model, bench), os.path.join(d, f"{model}.{bench}.records.jsonl")]
             argv = ("eval", "--model", os.path.join(out, path), "--template", template, *s.eval, "--out-dir", d,
                     *benches)
-            jobs.append(Job(argv, outputs[-2], tuple(outputs), label=f"{model}.{group}", inputs=(stage,)))
+            jobs.append(Job(argv, eval_file(out, model, names[-1]), tuple(outputs), label=f"{model}.{group}",
+                            inputs=(stage,)))
     return jobs
 
 
