@@ -134,11 +134,16 @@ def experts_grouped(experts: Experts, x, topk_idx, topk_weight) -> torch.Tensor:
     dtype = _grouped_mm_dtype(experts, x)
     if dtype is None:
         return experts_sorted(experts, x, topk_idx, topk_weight)
+    return _grouped_gemms(experts.gate_up_proj, experts.down_proj, x, topk_idx, topk_weight, dtype)
+
+
+def _grouped_gemms(gate_up_proj, down_proj, x, topk_idx, topk_weight, dtype) -> torch.Tensor:
+    """experts_grouped's body on the stacked weights, in `dtype` (one _grouped_mm_dtype allows)."""
     N, K = topk_idx.shape
     flat = topk_idx.flatten()
     order = flat.argsort(stable=True)                      # pairs grouped by expert
     src = order // K                                       # source token of each sorted pair
-    counts = torch.bincount(flat, minlength=experts.gate_up_proj.shape[0])
+    counts = torch.bincount(flat, minlength=gate_up_proj.shape[0])
     w = topk_weight.flatten()[order]
     pad = GROUP_PAD.get(dtype, 0) if x.device.type == "cpu" else 0
     if pad > 1:  # each expert's rows rounded up to a multiple of `pad`: GEMM shapes recur step to step
@@ -151,7 +156,7 @@ def experts_grouped(experts: Experts, x, topk_idx, topk_weight) -> torch.Tensor:
     else:
         offs = counts.cumsum(0)
     offs = offs.to(torch.int32)
-    w_gate_up, w_down = experts.gate_up_proj.to(dtype), experts.down_proj.to(dtype)
+    w_gate_up, w_down = gate_up_proj.to(dtype), down_proj.to(dtype)
     h = torch._grouped_mm(x.to(dtype).index_select(0, src), w_gate_up.transpose(1, 2), offs=offs)  # [P, 2I]
     gate, up = h.chunk(2, dim=-1)
     y = torch._grouped_mm(F.silu(gate) * up * w[:, None].to(dtype), w_down.transpose(1, 2), offs=offs)  # [P, H]
@@ -192,24 +197,23 @@ def experts_gathered(experts: Experts, x, topk_idx, topk_weight) -> torch.Tensor
 
 @torch.library.custom_op("nanoseek::experts_grouped", mutates_args=())
 def _experts_grouped_op(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor,
-                        gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> torch.Tensor:
-    """experts_grouped as one opaque op for compiled graphs: inductor calls it like a GEMM (its
+                        gate_up_proj: torch.Tensor, down_proj: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """experts_grouped's GEMMs as one opaque op for compiled graphs: inductor calls it like a GEMM (its
     output is [N, H] whatever the routing), so a compiled decode step keeps a single graph and
     pays only the chosen experts' FLOPs (no graph break, no data-dependent shapes inside)."""
-    experts = Experts.__new__(Experts)
-    nn.Module.__init__(experts)
-    experts.gate_up_proj, experts.down_proj = gate_up_proj, down_proj
-    return experts_grouped(experts, x, topk_idx, topk_weight)
+    return _grouped_gemms(gate_up_proj, down_proj, x, topk_idx, topk_weight, dtype)
 
 
 @_experts_grouped_op.register_fake
-def _(x, topk_idx, topk_weight, gate_up_proj, down_proj):
+def _(x, topk_idx, topk_weight, gate_up_proj, down_proj, dtype):
     return torch.empty_like(x)
 
 
 def experts_grouped_op(experts: Experts, x, topk_idx, topk_weight) -> torch.Tensor:
-    """experts_grouped through the custom op (what experts_auto takes inside a compiled graph)."""
-    return _experts_grouped_op(x, topk_idx, topk_weight, experts.gate_up_proj, experts.down_proj)
+    """experts_grouped through the custom op (what experts_auto takes inside a compiled graph, where
+    _grouped_mm_dtype allows it)."""
+    return _experts_grouped_op(x, topk_idx, topk_weight, experts.gate_up_proj, experts.down_proj,
+                               _grouped_mm_dtype(experts, x))
 
 
 # experts_auto inside a compiled graph: gathered while N·K <= E·GATHER_SHARE (the chosen experts'
