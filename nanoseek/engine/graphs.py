@@ -86,9 +86,9 @@ def gqa_pre(block, x, cos, sin):
     attn = block.self_attn
     h = block.input_layernorm(x)[None]
     C = x.shape[0]
-    q = apply_rope(attn.q_proj(h).view(1, C, attn.n_heads, -1), cos, sin, attn.interleaved)[0]
-    k = apply_rope(attn.k_proj(h).view(1, C, attn.kv_heads, -1), cos, sin, attn.interleaved)[0]
-    v = attn.v_proj(h)[0]
+    q = apply_rope(run_linear(attn.q_proj, h).view(1, C, attn.n_heads, -1), cos, sin, attn.interleaved)[0]
+    k = apply_rope(run_linear(attn.k_proj, h).view(1, C, attn.kv_heads, -1), cos, sin, attn.interleaved)[0]
+    v = run_linear(attn.v_proj, h)[0]
     return q, torch.cat([k.flatten(1), v], dim=-1)
 
 
@@ -97,7 +97,7 @@ def _attn_out(block, x, attn_out):
     if isinstance(attn, MLA):
         w_uv = attn.kv_b_proj.weight.view(attn.n_heads, attn.nope + attn.v_dim, attn.kv_rank)[:, attn.nope:]
         attn_out = torch.einsum("thc,hdc->thd", attn_out, w_uv)
-    return x + attn.o_proj(attn_out.flatten(1))
+    return x + run_linear(attn.o_proj, attn_out.flatten(1))
 
 
 def post_dense(block, x, attn_out):

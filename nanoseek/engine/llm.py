@@ -65,6 +65,7 @@ from nanoseek.engine.runner import ModelRunner
 from nanoseek.engine.scheduler import Scheduled, Scheduler
 from nanoseek.engine.sequence import Completion, Request, RequestOutput, SamplingParams, Sequence, Status
 from nanoseek.engine.speculative import MTPDrafter, accept_greedy, accept_sampled
+from nanoseek.model import gemv
 
 
 class LLM:
@@ -76,7 +77,8 @@ class LLM:
         """model: a checkpoint directory (nanoseek.load_pretrained) or a Transformer. KV memory is
         `num_blocks` blocks of `block_size` tokens, or as many as fit in `kv_cache_memory` bytes.
         speculative_tokens = k > 0 drafts k tokens per step with the model's MTP module.
-        compile=True runs decode steps (every sequence one token) as torch.compile'd pieces at the
+        A bf16 model on CPU runs its decode steps' linears on model/gemv.py's kernel (built here,
+        once per machine). compile=True runs decode steps (every sequence one token) as torch.compile'd pieces at the
         batch sizes `compile_sizes` (default graphs.DEFAULT_SIZES up to max_num_seqs), compiled
         here at start-up (`self.compile_seconds`, reported through `log`); compile=False keeps the
         eager model for every step (the reference)."""
@@ -99,6 +101,8 @@ class LLM:
                               hidden)
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens, lookahead=speculative_tokens)
+        if param.dtype == torch.bfloat16 and param.device.type == "cpu" and not gemv.load() and log:
+            log(f"bf16 decode linears stay on F.linear: {gemv.reason()}")
         graphs, self.compile_seconds = None, None
         if compile:
             from nanoseek.engine.graphs import DEFAULT_SIZES, DecodeGraphs

@@ -23,6 +23,7 @@ import torch
 
 from nanoseek.engine.kv_memory import KVMemory
 from nanoseek.engine.scheduler import Scheduled
+from nanoseek.model.fastpath import run_linear
 
 
 class ModelRunner:
@@ -54,4 +55,4 @@ class ModelRunner:
         return hidden[0]
 
     def logits(self, hidden_rows: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(hidden_rows).float()
+        return run_linear(self.model.lm_head, hidden_rows).float()

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanoseek.model import gemv
+
 
 @functools.cache
 def onednn_linear_op():
@@ -73,8 +75,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     dX = dY·W; the weight gradient dYᵀ·X is not faster there and stays on MKL). oneDNN JIT-compiles
     a kernel per new shape (~0.5 ms, then cached), so only row counts that are multiples of 64 take
     it — the fixed shapes of training and batch prefill; decode steps and odd prefill chunks, whose
-    shapes keep changing, stay on MKL. Autocast, other dtypes and devices take F.linear unchanged.
-    `F.linear` is the reference (tests/model/test_fastpaths.py)."""
+    shapes keep changing, stay on MKL. bf16 products of at most gemv.MAX_ROWS rows (decode steps of
+    a bf16 model) run on gemv's kernel once an engine has loaded it (gemv.load()). Autocast, other
+    dtypes and devices take F.linear unchanged.
+    `F.linear` is the reference (tests/model/test_fastpaths.py, tests/model/test_gemv.py)."""
+    if gemv.fits(x, weight, bias):
+        return gemv.linear(x, weight, bias)
     if (torch.compiler.is_compiling()     # inductor lowers F.linear itself (and must not trace the probe)
             or x.device.type != "cpu" or x.dtype != torch.float32
             or weight.dtype != torch.float32 or torch.is_autocast_enabled("cpu") or x.numel() == 0

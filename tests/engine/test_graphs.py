@@ -128,3 +128,28 @@ def test_compiled_speculative_decode_equals_eager(monkeypatch):
             assert x == pytest.approx(y, abs=1e-3)
     calls = got.runner.graphs.calls
     assert calls["q2"] > 0 and calls["mtp"] > 0
+
+
+def test_bf16_decode_on_the_gemv_kernel_equals_f_linear(monkeypatch):
+    """A bf16 model's decode linears run on model/gemv.py's kernel (eager and compiled); against the
+    same engine with the kernel off (F.linear): same greedy tokens, logprobs within bf16 rounding."""
+    import torch
+
+    from nanoseek.model import gemv
+    if not gemv.load():
+        pytest.skip(f"gemv kernel unavailable: {gemv.reason()}")
+    model = _qwen2().to(torch.bfloat16)
+    prompts = _prompts([3, 17])
+    calls = []
+    real = gemv._run
+    monkeypatch.setattr(gemv, "_run", lambda *a: calls.append(1) or real(*a))
+    eager = _run(LLM(model, block_size=8, num_blocks=64), prompts)
+    assert calls, "the kernel was not used"
+    compiled = _run(LLM(model, block_size=8, num_blocks=64, compile=True, compile_sizes=(1, 2)), prompts)
+    monkeypatch.setattr(gemv, "_loaded", False)
+    ref = _run(LLM(model, block_size=8, num_blocks=64), prompts)
+    for got in (eager, compiled):
+        assert got[0] == ref[0]
+        for a, b in zip(got[1], ref[1]):
+            for x, y in zip(a, b):
+                assert x == pytest.approx(y, abs=0.05)

@@ -1,0 +1,179 @@
+"""bf16 matrix-vector products at memory speed: the decode-step linears of a bf16 model on CPU.
+
+    from nanoseek.model import gemv
+    gemv.load()              # builds gemv_bf16.c once (gcc, ~1 s, cached on disk); False if it cannot
+    y = gemv.linear(x, w, b) # F.linear; bf16 x with <= MAX_ROWS rows runs on the kernel
+
+Why. At batch 1 a decode step reads every weight once for a handful of FLOPs per byte, so its speed
+limit is memory bandwidth. On this AVX2 CPU (no native bf16 arithmetic) torch's bf16 F.linear at one
+row reads its weights at ~5.5 GB/s with one thread and ~9 GB/s with two, where a plain sum over memory
+reads ~10 and ~15 (issue 13; `nanoseek bench engine --preset r1_distill_qwen_1p5b` prints both). The
+kernel (gemv_bf16.c) widens bf16 to fp32 with a 16-bit shift and streams 4 weight rows at a time
+through FMAs; fp32 accumulation and one rounding to bf16, as F.linear does. Measured standalone at
+1536 x 8960 (the 1.5B shape's MLP): 8.1-8.5 GB/s with 1 thread, 13.3-14.2 with 2, the plain sum at
+that moment 8.3 and 14.4.
+
+How it runs. The C file is compiled with the system C compiler into a cache directory
+($NANOSEEK_CACHE_DIR, else ~/.cache/nanoseek; the file name carries a hash of source and flags) and
+loaded with ctypes into this process, which has imported torch: its `omp parallel` runs on torch's
+own OpenMP runtime (the same libgomp.so.1, so no second thread pool), with torch.get_num_threads()
+threads. The product is a torch custom op (`nanoseek::gemv_bf16`), so a torch.compile'd decode step
+calls it as one opaque kernel, without a graph break. `load()` checks the kernel against F.linear on
+odd shapes before anything uses it; where the CPU lacks AVX2/FMA, no compiler is found or the check
+fails, `linear` is F.linear and `load()` says why (`reason()`).
+
+Reference: F.linear (tests/model/test_gemv.py: every row count, tails of N and K, bias, strided
+weights, inside torch.compile).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+MAX_ROWS = 8                  # rows of x the kernel takes (gemv_bf16.c's MAX_ROWS); more go to F.linear
+SOURCE = Path(__file__).with_name("gemv_bf16.c")
+FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+
+_lib = None                   # the loaded kernel, once load() succeeded
+_loaded = False               # _lib is not None (a plain bool: what compiled code guards on)
+_reason: str | None = None    # why it is not loaded, once load() failed
+
+
+def reason() -> str | None:
+    """Why the kernel is not in use (None when it is, or load() has not run)."""
+    return _reason
+
+
+def available() -> bool:
+    return _loaded
+
+
+def _compiler() -> str | None:
+    for cc in (os.environ.get("CC"), "gcc", "cc"):
+        if cc and shutil.which(cc):
+            return cc
+    return None
+
+
+def _build() -> Path:
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler (gcc or $CC) found")
+    src = SOURCE.read_bytes()
+    digest = hashlib.sha256(src + " ".join((cc,) + FLAGS).encode()).hexdigest()[:16]
+    root = Path(os.environ.get("NANOSEEK_CACHE_DIR") or Path.home() / ".cache" / "nanoseek") / "kernels"
+    out = root / f"gemv_bf16-{digest}.so"
+    if out.exists():
+        return out
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        tmp_out = Path(tmp) / out.name
+        proc = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(tmp_out)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cc} failed on {SOURCE.name}: {proc.stderr.strip()[-500:]}")
+        os.replace(tmp_out, out)            # atomic: a concurrent build never loads half a file
+    return out
+
+
+def _self_check() -> str | None:
+    """The kernel against F.linear on shapes with tails (N % 4, K % 8), every row count, bias and a
+    strided weight; None when it agrees."""
+    g = torch.Generator().manual_seed(0)
+    for M in range(1, MAX_ROWS + 1):
+        for N, K in ((37, 29), (64, 128), (5, 8)):
+            x = torch.randn(M, K, generator=g).bfloat16()
+            w = torch.randn(N, K + 3, generator=g).bfloat16()[:, 1:K + 1]
+            b = torch.randn(N, generator=g).bfloat16()
+            for bias in (None, b):
+                want = F.linear(x.float(), w.float(), None if bias is None else bias.float())
+                got = _run(x, w, bias).float()
+                tol = 1e-2 * (1 + want.abs())
+                if not bool(((got - want).abs() <= tol).all()):
+                    return f"disagrees with F.linear at M={M} N={N} K={K} bias={bias is not None}"
+    return None
+
+
+def load() -> bool:
+    """Build (once per machine), load and check the kernel; True when `linear` will use it."""
+    global _lib, _reason, _loaded
+    if _loaded:
+        return True
+    if _reason is not None:
+        return False
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        _reason = f"the CPU has no AVX2/FMA (torch reports {torch.backends.cpu.get_cpu_capability()})"
+        return False
+    try:
+        lib = ctypes.CDLL(str(_build()))
+        fn = lib.nanoseek_gemv_bf16
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                       ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                       ctypes.c_int]
+        fn.restype = ctypes.c_int
+        _lib = fn
+        why = _self_check()
+    except (OSError, RuntimeError, AttributeError) as e:
+        _lib, why = None, str(e)
+    if why is not None:
+        _lib, _reason = None, why
+        return False
+    _loaded = True
+    return True
+
+
+def _run(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if w.stride(1) != 1:
+        w = w.contiguous()
+    if b is not None and b.stride(0) != 1:
+        b = b.contiguous()
+    M, K = x.shape
+    N = w.shape[0]
+    y = torch.empty(M, N, dtype=torch.bfloat16)
+    rc = _lib(x.data_ptr(), x.stride(0), w.data_ptr(), w.stride(0), None if b is None else b.data_ptr(),
+              y.data_ptr(), N, M, N, K, torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"gemv_bf16 refused {M} rows (at most {MAX_ROWS})")
+    return y
+
+
+@torch.library.custom_op("nanoseek::gemv_bf16", mutates_args=())
+def _gemv_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return _run(x, weight, bias)
+
+
+@_gemv_op.register_fake
+def _(x, weight, bias):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def fits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether `linear` takes the kernel for these: loaded, CPU, all bf16, <= MAX_ROWS rows, weight rows
+    contiguous, no autograd."""
+    if not _loaded or x.device.type != "cpu" or x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16:
+        return False
+    if bias is not None and (bias.dtype != torch.bfloat16 or bias.stride(0) != 1):
+        return False
+    if x.numel() // max(x.shape[-1], 1) > MAX_ROWS or x.numel() == 0 or weight.stride(1) != 1:
+        return False
+    return not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                             or (bias is not None and bias.requires_grad)))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear; a bf16 x of at most MAX_ROWS rows runs on the kernel once `load()` succeeded."""
+    if not fits(x, weight, bias):
+        return F.linear(x, weight, bias)
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    return _gemv_op(x2, weight, bias).view(*x.shape[:-1], weight.shape[0])

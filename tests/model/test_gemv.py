@@ -1,0 +1,107 @@
+"""model/gemv.py's bf16 kernel against its reference, F.linear (in fp32 on the same bf16 values)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanoseek.model import gemv
+from nanoseek.model.fastpath import linear
+
+pytestmark = pytest.mark.skipif(not gemv.load(), reason=f"gemv kernel unavailable: {gemv.reason()}")
+
+
+def reference(x, w, b=None):
+    return F.linear(x.float(), w.float(), None if b is None else b.float())
+
+
+def close(got, want):
+    """bf16 output of an fp32 sum: within 2 bf16 ulps of the fp32 reference (or a tiny absolute)."""
+    return bool(((got.float() - want).abs() <= 2 * 2.0 ** -7 * want.abs() + 1e-2).all())
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("n,k", [(1, 8), (7, 13), (64, 96), (257, 1000)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_matches_f_linear(rows, n, k, bias):
+    g = torch.Generator().manual_seed(rows * 1000 + n + k)
+    x = torch.randn(rows, k, generator=g).bfloat16()
+    w = torch.randn(n, k, generator=g).bfloat16()
+    b = torch.randn(n, generator=g).bfloat16() if bias else None
+    assert gemv.fits(x, w, b)
+    got = gemv.linear(x, w, b)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
+    assert close(got, reference(x, w, b))
+
+
+def test_strided_inputs_and_leading_dims():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(50, 70, generator=g).bfloat16()[:, 3:67]           # row stride 70
+    x = torch.randn(1, 2, 64 * 2, generator=g).bfloat16()[..., ::2]      # non-contiguous last dim
+    got = gemv.linear(x, w)
+    assert got.shape == (1, 2, 50)
+    assert close(got, reference(x, w))
+
+
+def test_threads_agree():
+    g = torch.Generator().manual_seed(2)
+    x, w = torch.randn(1, 512, generator=g).bfloat16(), torch.randn(333, 512, generator=g).bfloat16()
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = gemv.linear(x, w)
+        torch.set_num_threads(2)
+        two = gemv.linear(x, w)
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(one, two)          # each output is one thread's sum: same order, same bits
+
+
+def test_what_stays_on_f_linear():
+    x, w = torch.randn(9, 16).bfloat16(), torch.randn(8, 16).bfloat16()
+    assert not gemv.fits(x, w, None)                                  # more than MAX_ROWS rows
+    assert not gemv.fits(x[:1].float(), w.float(), None)              # fp32
+    wg = w.clone().requires_grad_()
+    assert not gemv.fits(x[:1], wg, None)                             # autograd needs F.linear
+    with torch.no_grad():
+        assert gemv.fits(x[:1], wg, None)
+    assert not gemv.fits(x[:1], w.t().contiguous().t(), None)         # column-major weight
+
+
+def test_fastpath_linear_routes_decode_rows_and_backward_still_works():
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(24, 40, generator=g).bfloat16().requires_grad_()
+    x = torch.randn(1, 40, generator=g).bfloat16()
+    with torch.no_grad():
+        assert close(linear(x, w), reference(x, w))
+    linear(x, w).float().sum().backward()                             # F.linear's autograd
+    assert w.grad is not None and torch.allclose(w.grad.float(), x.float().expand(24, 40))
+
+
+def test_inside_torch_compile():
+    g = torch.Generator().manual_seed(4)
+    w1, w2 = torch.randn(96, 64, generator=g).bfloat16(), torch.randn(64, 96, generator=g).bfloat16()
+    b1 = torch.randn(96, generator=g).bfloat16()
+
+    def f(x):
+        return linear(F.silu(linear(x, w1, b1)), w2)
+
+    x = torch.randn(2, 64, generator=g).bfloat16()
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        assert torch.equal(compiled(x), f(x))
+
+
+def test_bad_build_is_reported_not_used(monkeypatch, tmp_path):
+    """A kernel that cannot be built leaves F.linear in place and says why."""
+    monkeypatch.setattr(gemv, "_loaded", False)
+    monkeypatch.setattr(gemv, "_lib", None)
+    monkeypatch.setattr(gemv, "_reason", None)
+    monkeypatch.setenv("NANOSEEK_CACHE_DIR", str(tmp_path))
+    bad = tmp_path / "bad.c"
+    bad.write_text("this is not C\n")
+    monkeypatch.setattr(gemv, "SOURCE", bad)
+    assert gemv.load() is False
+    assert "failed on bad.c" in gemv.reason()
+    x, w = torch.randn(1, 16).bfloat16(), torch.randn(8, 16).bfloat16()
+    assert not gemv.fits(x, w, None)
+    assert torch.equal(linear(x, w), F.linear(x, w))
