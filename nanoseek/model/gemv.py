@@ -2,16 +2,28 @@
 
     from nanoseek.model import gemv
     gemv.load()              # builds gemv_bf16.c once (gcc, ~1 s, cached on disk); False if it cannot
-    y = gemv.linear(x, w, b) # F.linear; bf16 x with <= MAX_ROWS rows runs on the kernel
+    y = gemv.linear(x, w, b) # F.linear; bf16 x with <= MAX_ROWS (64) rows runs on the kernel
 
 Why. At batch 1 a decode step reads every weight once for a handful of FLOPs per byte, so its speed
 limit is memory bandwidth. On this AVX2 CPU (no native bf16 arithmetic) torch's bf16 F.linear at one
-row reads its weights at ~5.5 GB/s with one thread and ~9 GB/s with two, where a plain sum over memory
-reads ~10 and ~15 (issue 13; `nanoseek bench engine --preset r1_distill_qwen_1p5b` prints both). The
+row reads its weights at 6.5-7 GB/s with one thread and 11-12.5 with two, where a plain sum over
+memory reads ~10-11 and ~15-16 (issue 13; `nanoseek bench engine --preset r1_distill_qwen_1p5b` prints both). The
 kernel (gemv_bf16.c) widens bf16 to fp32 with a 16-bit shift and streams 4 weight rows at a time
-through FMAs; fp32 accumulation and one rounding to bf16, as F.linear does. Measured standalone at
-1536 x 8960 (the 1.5B shape's MLP): 8.1-8.5 GB/s with 1 thread, 13.3-14.2 with 2, the plain sum at
-that moment 8.3 and 14.4.
+through FMAs, prefetching the next rows; fp32 accumulation and one rounding to bf16, as F.linear
+does. In one process, interleaved (2026-11-30, this 2-core AVX2 machine), GB/s of weights
+read, kernel vs F.linear:
+
+    rows  threads  1536->8960 (gate/up)  8960->1536 (down)  1536->151936 (lm_head)
+    1     1        8.2 vs 6.5            11.7 vs 6.9        9.2 vs 7.0
+    1     2        13.8 vs 12.5          17.1 vs 11.3       14.1 vs 11.5
+    2     1        7.9 vs 3.7            9.9 vs 4.1         9.2 vs 4.3
+    8     1        3.4 vs 1.0            3.6 vs 1.2         3.5 vs 1.1
+
+(torch's bf16 GEMM re-reads the weights for every row; here 8 rows cost ~2.4x one row, not 8x.)
+Past 8 rows (a short prefill, speculation's verification at batch > 4) each weight row serves every
+chunk of 8 rows of x from L1: 1536 -> 8960 at 16 / 32 / 64 rows, 31 / 33 / 29 GFLOP/s vs F.linear's
+8.8 / 9.3 / 9.1 (torch's bf16 GEMM on this AVX2 CPU). MAX_ROWS = 64 keeps x
+(64 rows x K in fp32) within the caches; longer prefills stay on F.linear.
 
 How it runs. The C file is compiled with the system C compiler into a cache directory
 ($NANOSEEK_CACHE_DIR, else ~/.cache/nanoseek; the file name carries a hash of source and flags) and
@@ -38,7 +50,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-MAX_ROWS = 8                  # rows of x the kernel takes (gemv_bf16.c's MAX_ROWS); more go to F.linear
+MAX_ROWS = 64                 # rows of x the kernel takes; more go to F.linear
 SOURCE = Path(__file__).with_name("gemv_bf16.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 
@@ -84,10 +96,10 @@ def _build() -> Path:
 
 
 def _self_check() -> str | None:
-    """The kernel against F.linear on shapes with tails (N % 4, K % 8), every row count, bias and a
-    strided weight; None when it agrees."""
+    """The kernel against F.linear on shapes with tails (N % 4, K % 8), every register-blocked row
+    count and a few chunked ones, bias and a strided weight; None when it agrees."""
     g = torch.Generator().manual_seed(0)
-    for M in range(1, MAX_ROWS + 1):
+    for M in sorted({*range(1, 10), 16, 19, MAX_ROWS}):
         for N, K in ((37, 29), (64, 128), (5, 8)):
             x = torch.randn(M, K, generator=g).bfloat16()
             w = torch.randn(N, K + 3, generator=g).bfloat16()[:, 1:K + 1]
@@ -142,7 +154,7 @@ def _run(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tens
     rc = _lib(x.data_ptr(), x.stride(0), w.data_ptr(), w.stride(0), None if b is None else b.data_ptr(),
               y.data_ptr(), N, M, N, K, torch.get_num_threads())
     if rc != 0:
-        raise RuntimeError(f"gemv_bf16 refused {M} rows (at most {MAX_ROWS})")
+        raise RuntimeError(f"gemv_bf16 failed on {M} rows (out of memory for x in fp32?)")
     return y
 
 

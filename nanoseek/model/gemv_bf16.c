@@ -17,7 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define MAX_ROWS 8
+#define MAX_ROWS 8       /* rows of x in registers at once; more rows go through many_rows */
 
 static inline __m256 load8(const uint16_t *p) {            /* 8 bf16 -> 8 fp32 */
     __m128i v = _mm_loadu_si128((const __m128i *)p);
@@ -84,12 +84,35 @@ static inline __attribute__((always_inline)) void block(
     for (int64_t i = 0; i < N / R; i++) block(M, R, xf, K, w, ldw, i * R, N, b, y, ldy);   \
     for (int64_t n = N / R * R; n < N; n++) block(M, 1, xf, K, w, ldw, n, N, b, y, ldy);
 
+/* More than 8 rows (a short prefill): each weight row is read from memory once and used by every
+ * chunk of 8 rows of x while it sits in L1. */
+static void many_rows(const float *xf, int64_t M, int64_t K, const uint16_t *w, int64_t ldw, int64_t N,
+                      const uint16_t *b, uint16_t *y, int64_t ldy, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < N; n++) {
+        int64_t m0 = 0;
+        for (; m0 + 8 <= M; m0 += 8) block(8, 1, xf + m0 * K, K, w, ldw, n, N, b, y + m0 * ldy, ldy);
+        const float *xr = xf + m0 * K;
+        uint16_t *yr = y + m0 * ldy;
+        switch (M - m0) {
+            case 1: block(1, 1, xr, K, w, ldw, n, N, b, yr, ldy); break;
+            case 2: block(2, 1, xr, K, w, ldw, n, N, b, yr, ldy); break;
+            case 3: block(3, 1, xr, K, w, ldw, n, N, b, yr, ldy); break;
+            case 4: block(4, 1, xr, K, w, ldw, n, N, b, yr, ldy); break;
+            case 5: block(5, 1, xr, K, w, ldw, n, N, b, yr, ldy); break;
+            case 6: block(6, 1, xr, K, w, ldw, n, N, b, yr, ldy); break;
+            case 7: block(7, 1, xr, K, w, ldw, n, N, b, yr, ldy); break;
+            default: break;
+        }
+    }
+}
+
 /* `threads`: the caller's torch.get_num_threads() (OpenMP's per-thread setting may differ in the
- * thread that calls). Returns 0, or -1 when M is out of range (the caller takes F.linear). */
+ * thread that calls). Returns 0, or -1 when M < 1 or memory runs out. */
 int nanoseek_gemv_bf16(const uint16_t *x, int64_t ldx, const uint16_t *w, int64_t ldw,
                        const uint16_t *b, uint16_t *y, int64_t ldy, int64_t M, int64_t N, int64_t K,
                        int threads) {
-    if (M < 1 || M > MAX_ROWS) return -1;
+    if (M < 1) return -1;
     float *xf = (float *)malloc(sizeof(float) * M * K);
     if (!xf) return -1;
     for (int64_t m = 0; m < M; m++)
@@ -102,7 +125,8 @@ int nanoseek_gemv_bf16(const uint16_t *x, int64_t ldx, const uint16_t *w, int64_
         case 5: { ROWS_LOOP(5, 1) } break;
         case 6: { ROWS_LOOP(6, 1) } break;
         case 7: { ROWS_LOOP(7, 1) } break;
-        default: { ROWS_LOOP(8, 1) } break;
+        case 8: { ROWS_LOOP(8, 1) } break;
+        default: many_rows(xf, M, K, w, ldw, N, b, y, ldy, threads); break;
     }
     free(xf);
     return 0;
