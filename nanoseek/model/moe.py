@@ -221,10 +221,13 @@ def experts_grouped_op(experts: Experts, x, topk_idx, topk_weight) -> torch.Tens
 # else the grouped custom op. Measured on the tiny preset's compiled decode step (1 thread, forward
 # of 4 layers, median of 15 interleaved rounds, 2026-11-30): batch 1 gathered 4.5 ms vs dense 6.7;
 # batch 2 5.3 vs 9.1; batch 4 gathered 6.1 vs grouped 9.7 vs dense 10.3; batch 8 gathered 8.4 vs
-# grouped 8.7 vs dense 8.8; batch 16 grouped 10.3 vs dense 12.5. Dense never won here (M = 16 GEMMs
-# run at ~16 GFLOP/s on this CPU, so its E/K-fold FLOPs cost); the knob stays for hardware where it does.
+# grouped 8.7 vs dense 8.8; batch 16 grouped 10.3 vs dense 12.5 (inductor's Python wrapper then).
+# With the C++ wrapper (engine/graphs.py), whole generate calls interleaved in one process (64 tokens,
+# 1 thread, 5 rounds): tiny batch 16 (N·E = 128) dense 1,736 vs grouped 1,479 tok/s, and 1,638 vs
+# 1,521 in a second run; small batch 16 (N·E = 256) dense 537 vs grouped 559. Dense's E/K-fold FLOPs
+# (M = 16 GEMMs at ~16 GFLOP/s here) pay while N·E <= 128; the grouped op's ~15 eager ops cost more.
 GATHER_SHARE = 1
-DENSE_MAX_COMPILED = 0
+DENSE_MAX_COMPILED = 128
 
 
 def experts_auto(experts: Experts, x, topk_idx, topk_weight) -> torch.Tensor:
