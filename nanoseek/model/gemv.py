@@ -10,8 +10,8 @@ row reads its weights at 6.5-7 GB/s with one thread and 11-12.5 with two, where 
 memory reads ~10-11 and ~15-16 (issue 13; `nanoseek bench engine --preset r1_distill_qwen_1p5b` prints both). The
 kernel (gemv_bf16.c) widens bf16 to fp32 with a 16-bit shift and streams 4 weight rows at a time
 through FMAs, prefetching the next rows; fp32 accumulation and one rounding to bf16, as F.linear
-does. In one process, interleaved (2026-11-30, this 2-core AVX2 machine), GB/s of weights
-read, kernel vs F.linear:
+does. `nanoseek bench gemv` measures it; in one process, interleaved (2026-11-30, this 2-core AVX2
+machine), GB/s of weights read, kernel vs F.linear:
 
     rows  threads  1536->8960 (gate/up)  8960->1536 (down)  1536->151936 (lm_head)
     1     1        8.2 vs 6.5            11.7 vs 6.9        9.2 vs 7.0

@@ -105,3 +105,17 @@ def test_bad_build_is_reported_not_used(monkeypatch, tmp_path):
     x, w = torch.randn(1, 16).bfloat16(), torch.randn(8, 16).bfloat16()
     assert not gemv.fits(x, w, None)
     assert torch.equal(linear(x, w), F.linear(x, w))
+
+
+def test_bench_gemv_json_micro(capsys):
+    """`nanoseek bench gemv --json` on micro sizes: one object, every point measured, the kernel agreeing."""
+    import json
+
+    from nanoseek.cli import main
+    assert main(["bench", "gemv", "--json", "--shapes", "64x48", "--rows", "1,9,70", "--seconds", "0.01",
+                 "--ring-mb", "1"]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["bench"] == "gemv" and r["figures"]["memory_bandwidth_gb_s"] > 0
+    assert set(r["ratios"]) == {"64x48_rows1_vs_f_linear", "64x48_rows9_vs_f_linear", "64x48_rows70_vs_f_linear"}
+    assert r["figures"]["64x48_rows1_on_kernel"] == 1.0 and r["figures"]["64x48_rows70_on_kernel"] == 0.0
+    assert all(r["figures"][f"64x48_rows{m}_max_rel_err"] < 2e-2 for m in (1, 9, 70))
