@@ -80,7 +80,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     dtypes and devices take F.linear unchanged.
     `F.linear` is the reference (tests/model/test_fastpaths.py, tests/model/test_gemv.py)."""
     if gemv.fits(x, weight, bias):
-        return gemv.linear(x, weight, bias)
+        return gemv.run(x, weight, bias)
     if (torch.compiler.is_compiling()     # inductor lowers F.linear itself (and must not trace the probe)
             or x.device.type != "cpu" or x.dtype != torch.float32
             or weight.dtype != torch.float32 or torch.is_autocast_enabled("cpu") or x.numel() == 0

@@ -183,8 +183,11 @@ def fits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bo
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear; a bf16 x of at most MAX_ROWS rows runs on the kernel once `load()` succeeded."""
-    if not fits(x, weight, bias):
-        return F.linear(x, weight, bias)
+    return run(x, weight, bias) if fits(x, weight, bias) else F.linear(x, weight, bias)
+
+
+def run(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The kernel on x [..., K] once `fits` said yes (fastpath.linear checks once, then calls this)."""
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
