@@ -4,6 +4,7 @@ lengths, prefix-cache hits and n > 1 forks in the same batches."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from nanoseek.config import qwen2_tiny
 from nanoseek.engine import LLM, SamplingParams
@@ -115,6 +116,22 @@ def test_graph_pieces_with_speculation_equal_eager(monkeypatch, k):
     assert calls[f"q{1 + k}"] > 0 and calls["mtp"] > 0
 
 
+def _agreeable(model, delta=0.05):
+    """Layers' outputs scaled by `delta` and the MTP module reading the next token's embedding only:
+    the main model's argmax at j depends mostly on t_j, the draft mostly agrees with it (~60 %
+    accepted at 0.05), so accept, reject and bonus tokens all occur."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight", "down_proj")):
+                p.mul_(delta)
+            elif "norm" in name:
+                p.fill_(1.0)
+        eh = model.mtp[0].eh_proj.weight
+        D = eh.shape[0]
+        eh.zero_()[:, :D] = torch.eye(D)
+    return model
+
+
 def test_compiled_speculative_decode_equals_eager(monkeypatch):
     """LLM(compile=True, speculative_tokens=1): compiled verification and MTP pass, same greedy tokens
     as the eager speculative engine and as plain decoding."""
@@ -131,6 +148,35 @@ def test_compiled_speculative_decode_equals_eager(monkeypatch):
             assert x == pytest.approx(y, abs=1e-3)
     calls = got.runner.graphs.calls
     assert calls["q2"] > 0 and calls["mtp"] > 0
+    # a model whose drafts are often accepted: accept, reject and bonus tokens, compiled
+    _agreeable(model)
+    for llm in (plain, got):
+        llm.clear_prefix_cache()                              # its KV came from the old weights
+    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    assert [o[0].token_ids for o in got.generate(prompts, sp)] == [o[0].token_ids for o in plain.generate(prompts, sp)]
+    assert 0 < got.counters["spec_accepted"] < got.counters["spec_proposed"]
+    # every compiled function went straight to dynamo's code after warm-up (graphs.Direct)
+    g = got.runner.graphs
+    for fn in [r[0] for r in g.runs] + [g.mtp]:
+        assert fn.known and all(v is not None for v in fn.known.values())
+
+
+def test_direct_dispatch_falls_back_to_dynamo_on_a_guard_miss():
+    """graphs.Direct: the code for a signature is called directly while its guards hold; a call that
+    fails them (another shape under the same signature) goes through dynamo and is still right."""
+    d = graphs.Direct(torch.compile(lambda x, n: x * n + 1, dynamic=False))
+    through_dynamo, compiled = [], d.compiled
+    d.compiled = lambda *a: through_dynamo.append(a) or compiled(*a)
+    x = torch.arange(3.0)
+    assert torch.equal(d("s", x, 2), x * 2 + 1) and len(through_dynamo) == 1
+    entry = d.known["s"][1]
+    assert torch.equal(d("s", x + 1, 2), (x + 1) * 2 + 1)
+    assert len(through_dynamo) == 1 and d.known["s"][1] is entry      # straight into dynamo's code
+    y = torch.arange(5.0)
+    assert torch.equal(d("s", y, 2), y * 2 + 1)               # a miss: dynamo compiles another graph
+    assert torch.equal(d("s", y, 3), y * 3 + 1)               # an int guard (n == 2) missed too
+    assert len(through_dynamo) == 3 and d.known["s"][1] is not entry
+    assert torch.equal(d("s", y, 3), y * 3 + 1) and len(through_dynamo) == 3
 
 
 def test_bf16_decode_on_the_gemv_kernel_equals_f_linear(monkeypatch):
