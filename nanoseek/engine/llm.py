@@ -101,8 +101,8 @@ class LLM:
                               hidden)
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens, lookahead=speculative_tokens)
-        if param.dtype == torch.bfloat16 and param.device.type == "cpu" and not gemv.load() and log:
-            log(f"bf16 decode linears stay on F.linear: {gemv.reason()}")
+        if param.dtype in (torch.bfloat16, torch.float32) and param.device.type == "cpu" and not gemv.load() and log:
+            log(f"decode linears stay on F.linear: {gemv.reason()}")
         graphs, self.compile_seconds = None, None
         if compile:
             from nanoseek.engine.graphs import DEFAULT_SIZES, DecodeGraphs

@@ -4,7 +4,7 @@ Imports only torch and `nanoseek.config` (an import contract in pyproject.toml, 
 `make test`). One concept per file:
     rope       RoPE (interleaved and half-split) and YaRN      norm       RMSNorm
     fastpath   the oneDNN linear dispatch, fused projections    mlp        SwiGLU MLP
-    gemv       bf16 few-row products at memory speed (a C kernel, gemv_bf16.c)
+    gemv       few-row products at memory speed (a C kernel, gemv.c)
     mla        multi-head latent attention (naive, absorbed)   gqa        grouped-query attention
     moe        router, experts, balancing                      mtp        multi-token prediction
     cache      the model's cache protocol (the caller owns it)  params     parameter counts

@@ -1,16 +1,20 @@
-/* y = x Wᵀ (+ b) for a few rows of x, bf16 weights read once at memory speed (AVX2 + FMA).
+/* y = x Wᵀ (+ b) for a few rows of x, weights read once at memory speed (AVX2 + FMA), for bf16 and
+ * fp32 weights.
  *
  * Built by nanoseek/model/gemv.py (gcc -O3 -mavx2 -mfma -fopenmp, loaded with ctypes into a process
  * that has imported torch, so `omp parallel` runs on torch's own OpenMP runtime and thread count).
  *
- * Why: a decode step of a bf16 model at batch 1 is a chain of matrix-vector products, and its speed
- * limit is reading every weight once. On an AVX2 CPU without native bf16 instructions, torch's bf16
+ * Why: a decode step at batch 1 is a chain of matrix-vector products, and its speed limit is
+ * reading every weight once. On an AVX2 CPU without native bf16 instructions, torch's bf16
  * F.linear at one row reads at ~55-65 % of what a plain sum over memory reads (issue 13's profile);
  * here a bf16 value becomes an fp32 one by a 16-bit shift, so the loop is loads, shifts and FMAs:
  * 4 weight rows at a time (4 independent accumulators and memory streams), x converted to fp32 once.
+ * fp32 weights take the same loop without the shift: MKL's sgemm at 1-2 rows runs the small
+ * models' decode shapes (320 -> 96 ... 768) at ~4 GB/s of weights, packing the weight every call.
  *
- * x [M, K] bf16 (rows contiguous, stride ldx), w [N, K] bf16 (row stride ldw), b [N] bf16 or NULL,
- * y [M, N] bf16 (stride ldy). fp32 accumulation, one rounding to bf16 (nearest even), as F.linear.
+ * x [M, K] (rows contiguous, stride ldx), w [N, K] (row stride ldw), b [N] or NULL, y [M, N]
+ * (stride ldy), all of one dtype (bf16 or fp32). fp32 accumulation; bf16 results get one rounding
+ * (nearest even), as F.linear.
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -46,25 +50,38 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* R weight rows (from n) against M x rows; M and R are constants at every call site, so the
- * accumulators stay in registers (M·R + R + 1 <= 16 ymm). While it reads its rows it prefetches the
+/* element i of a row of dtype BF (1: bf16, 0: fp32) as fp32, and 8 of them */
+static inline __attribute__((always_inline)) float elem(const void *p, int64_t i, int BF) {
+    return BF ? to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+static inline __attribute__((always_inline)) __m256 load8_any(const void *p, int64_t i, int BF) {
+    return BF ? load8((const uint16_t *)p + i) : _mm256_loadu_ps((const float *)p + i);
+}
+
+/* R weight rows (from n) against M x rows; M, R, BF (weight and bias dtype) and YF (y is fp32,
+ * else bf16) are constants at every call site, so the accumulators stay in registers
+ * (M·R + R + 1 <= 16 ymm). While it reads its rows it prefetches the
  * next block's (one cache line per row every 32 values): the hardware prefetcher restarts on every
  * short row, and this took one row of 1536 values from 6.0-6.6 to 7.2 GB/s with 1 thread and from
- * 11.1-11.9 to 13.2-13.4 with 2 (8960 x 1536; 8 rows a block without it: 6.6-6.9 and 12.4-12.6). */
+ * 11.1-11.9 to 13.2-13.4 with 2 (8960 x 1536 bf16; 8 rows a block without it: 6.6-6.9 and 12.4-12.6). */
 static inline __attribute__((always_inline)) void block(
-        int M, int R, const float *xf, int64_t K, const uint16_t *w, int64_t ldw, int64_t n, int64_t N,
-        const uint16_t *b, uint16_t *y, int64_t ldy) {
+        int M, int R, const float *xf, int64_t K, const void *w, int64_t ldw, int64_t n, int64_t N,
+        const void *b, void *y, int64_t ldy, int BF, int YF) {
     __m256 acc[MAX_ROWS][4];
     for (int m = 0; m < M; m++)
         for (int r = 0; r < R; r++) acc[m][r] = _mm256_setzero_ps();
-    const uint16_t *wr = w + n * ldw;
+    const int64_t row0 = n * ldw;
+    const int step = BF ? 32 : 16;                          /* values per cache line */
     const int prefetch = n + 2 * R <= N;
     int64_t k = 0;
     for (; k + 8 <= K; k += 8) {
         __m256 wv[4];
-        if (prefetch && (k & 31) == 0)
-            for (int r = 0; r < R; r++) _mm_prefetch((const char *)(wr + (R + r) * ldw + k), _MM_HINT_T0);
-        for (int r = 0; r < R; r++) wv[r] = load8(wr + r * ldw + k);
+        if (prefetch && (k & (step - 1)) == 0)
+            for (int r = 0; r < R; r++)
+                _mm_prefetch(BF ? (const char *)((const uint16_t *)w + row0 + (R + r) * ldw + k)
+                                : (const char *)((const float *)w + row0 + (R + r) * ldw + k), _MM_HINT_T0);
+        for (int r = 0; r < R; r++) wv[r] = load8_any(w, row0 + r * ldw + k, BF);
         for (int m = 0; m < M; m++) {
             __m256 xv = _mm256_loadu_ps(xf + m * K + k);
             for (int r = 0; r < R; r++) acc[m][r] = _mm256_fmadd_ps(wv[r], xv, acc[m][r]);
@@ -73,38 +90,78 @@ static inline __attribute__((always_inline)) void block(
     for (int m = 0; m < M; m++)
         for (int r = 0; r < R; r++) {
             float s = hsum(acc[m][r]);
-            for (int64_t t = k; t < K; t++) s += to_f32(wr[r * ldw + t]) * xf[m * K + t];
-            if (b) s += to_f32(b[n + r]);
-            y[m * ldy + n + r] = to_bf16(s);
+            for (int64_t t = k; t < K; t++) s += elem(w, row0 + r * ldw + t, BF) * xf[m * K + t];
+            if (b) s += elem(b, n + r, BF);
+            if (YF) ((float *)y)[m * ldy + n + r] = s;
+            else ((uint16_t *)y)[m * ldy + n + r] = to_bf16(s);
         }
 }
 
-#define ROWS_LOOP(M, R)                                                                 \
-    _Pragma("omp parallel for schedule(static) num_threads(threads)")                   \
-    for (int64_t i = 0; i < N / R; i++) block(M, R, xf, K, w, ldw, i * R, N, b, y, ldy);   \
-    for (int64_t n = N / R * R; n < N; n++) block(M, 1, xf, K, w, ldw, n, N, b, y, ldy);
+#define ROWS_LOOP(M, R, BF, YF)                                                                   \
+    _Pragma("omp parallel for schedule(static) num_threads(threads)")                             \
+    for (int64_t i = 0; i < N / R; i++) block(M, R, xf, K, w, ldw, i * R, N, b, y, ldy, BF, YF);  \
+    for (int64_t n = N / R * R; n < N; n++) block(M, 1, xf, K, w, ldw, n, N, b, y, ldy, BF, YF);
 
 /* More than 8 rows (a short prefill): each weight row is read from memory once and used by every
  * chunk of 8 rows of x while it sits in L1. */
-static void many_rows(const float *xf, int64_t M, int64_t K, const uint16_t *w, int64_t ldw, int64_t N,
-                      const uint16_t *b, uint16_t *y, int64_t ldy, int threads) {
+static inline __attribute__((always_inline)) void many_rows(
+        const float *xf, int64_t M, int64_t K, const void *w, int64_t ldw, int64_t N, const void *b,
+        void *y, int64_t ldy, int threads, int BF, int YF) {
+    const int ysize = YF ? 4 : 2;
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
         int64_t m0 = 0;
-        for (; m0 + 8 <= M; m0 += 8) block(8, 1, xf + m0 * K, K, w, ldw, n, N, b, y + m0 * ldy, ldy);
+        for (; m0 + 8 <= M; m0 += 8)
+            block(8, 1, xf + m0 * K, K, w, ldw, n, N, b, (char *)y + m0 * ldy * ysize, ldy, BF, YF);
         const float *xr = xf + m0 * K;
-        uint16_t *yr = y + m0 * ldy;
+        void *yr = (char *)y + m0 * ldy * ysize;
         switch (M - m0) {
-            case 1: block(1, 1, xr, K, w, ldw, n, N, b, yr, ldy); break;
-            case 2: block(2, 1, xr, K, w, ldw, n, N, b, yr, ldy); break;
-            case 3: block(3, 1, xr, K, w, ldw, n, N, b, yr, ldy); break;
-            case 4: block(4, 1, xr, K, w, ldw, n, N, b, yr, ldy); break;
-            case 5: block(5, 1, xr, K, w, ldw, n, N, b, yr, ldy); break;
-            case 6: block(6, 1, xr, K, w, ldw, n, N, b, yr, ldy); break;
-            case 7: block(7, 1, xr, K, w, ldw, n, N, b, yr, ldy); break;
+            case 1: block(1, 1, xr, K, w, ldw, n, N, b, yr, ldy, BF, YF); break;
+            case 2: block(2, 1, xr, K, w, ldw, n, N, b, yr, ldy, BF, YF); break;
+            case 3: block(3, 1, xr, K, w, ldw, n, N, b, yr, ldy, BF, YF); break;
+            case 4: block(4, 1, xr, K, w, ldw, n, N, b, yr, ldy, BF, YF); break;
+            case 5: block(5, 1, xr, K, w, ldw, n, N, b, yr, ldy, BF, YF); break;
+            case 6: block(6, 1, xr, K, w, ldw, n, N, b, yr, ldy, BF, YF); break;
+            case 7: block(7, 1, xr, K, w, ldw, n, N, b, yr, ldy, BF, YF); break;
             default: break;
         }
     }
+}
+
+/* y = xf Wᵀ + b with xf already fp32 [M, K] contiguous */
+static inline __attribute__((always_inline)) void product(
+        const float *xf, int64_t M, int64_t K, const void *w, int64_t ldw, int64_t N, const void *b,
+        void *y, int64_t ldy, int threads, int BF, int YF) {
+    switch (M) {
+        case 1: { ROWS_LOOP(1, 4, BF, YF) } break;
+        case 2: { ROWS_LOOP(2, 4, BF, YF) } break;
+        case 3: { ROWS_LOOP(3, 2, BF, YF) } break;
+        case 4: { ROWS_LOOP(4, 2, BF, YF) } break;
+        case 5: { ROWS_LOOP(5, 1, BF, YF) } break;
+        case 6: { ROWS_LOOP(6, 1, BF, YF) } break;
+        case 7: { ROWS_LOOP(7, 1, BF, YF) } break;
+        case 8: { ROWS_LOOP(8, 1, BF, YF) } break;
+        default: many_rows(xf, M, K, w, ldw, N, b, y, ldy, threads, BF, YF); break;
+    }
+}
+
+static void product_bf16(const float *xf, int64_t M, int64_t K, const void *w, int64_t ldw, int64_t N,
+                         const void *b, void *y, int64_t ldy, int threads) {
+    product(xf, M, K, w, ldw, N, b, y, ldy, threads, 1, 0);
+}
+static void product_f32(const float *xf, int64_t M, int64_t K, const void *w, int64_t ldw, int64_t N,
+                        const void *b, void *y, int64_t ldy, int threads) {
+    product(xf, M, K, w, ldw, N, b, y, ldy, threads, 0, 1);
+}
+
+/* x rows (dtype bf) -> fp32 [M, K] */
+static float *widen(const void *x, int64_t ldx, int64_t M, int64_t K, int bf) {
+    float *xf = (float *)malloc(sizeof(float) * (M * K + 1));
+    if (!xf) return NULL;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t k = 0; k < K; k++)
+            xf[m * K + k] = bf ? to_f32(((const uint16_t *)x)[m * ldx + k]) : ((const float *)x)[m * ldx + k];
+    return xf;
 }
 
 /* `threads`: the caller's torch.get_num_threads() (OpenMP's per-thread setting may differ in the
@@ -113,21 +170,19 @@ int nanoseek_gemv_bf16(const uint16_t *x, int64_t ldx, const uint16_t *w, int64_
                        const uint16_t *b, uint16_t *y, int64_t ldy, int64_t M, int64_t N, int64_t K,
                        int threads) {
     if (M < 1) return -1;
-    float *xf = (float *)malloc(sizeof(float) * M * K);
+    float *xf = widen(x, ldx, M, K, 1);
     if (!xf) return -1;
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t k = 0; k < K; k++) xf[m * K + k] = to_f32(x[m * ldx + k]);
-    switch (M) {
-        case 1: { ROWS_LOOP(1, 4) } break;
-        case 2: { ROWS_LOOP(2, 4) } break;
-        case 3: { ROWS_LOOP(3, 2) } break;
-        case 4: { ROWS_LOOP(4, 2) } break;
-        case 5: { ROWS_LOOP(5, 1) } break;
-        case 6: { ROWS_LOOP(6, 1) } break;
-        case 7: { ROWS_LOOP(7, 1) } break;
-        case 8: { ROWS_LOOP(8, 1) } break;
-        default: many_rows(xf, M, K, w, ldw, N, b, y, ldy, threads); break;
-    }
+    product_bf16(xf, M, K, w, ldw, N, b, y, ldy, threads);
+    free(xf);
+    return 0;
+}
+
+int nanoseek_gemv_f32(const float *x, int64_t ldx, const float *w, int64_t ldw,
+                      const float *b, float *y, int64_t ldy, int64_t M, int64_t N, int64_t K, int threads) {
+    if (M < 1) return -1;
+    float *xf = widen(x, ldx, M, K, 0);
+    if (!xf) return -1;
+    product_f32(xf, M, K, w, ldw, N, b, y, ldy, threads);
     free(xf);
     return 0;
 }

@@ -1,14 +1,15 @@
-"""bf16 matrix-vector products at memory speed: the decode-step linears of a bf16 model on CPU.
+"""Matrix-vector products at memory speed: the decode-step linears of a bf16 (or fp32) model on CPU.
 
     from nanoseek.model import gemv
-    gemv.load()              # builds gemv_bf16.c once (gcc, ~1 s, cached on disk); False if it cannot
-    y = gemv.linear(x, w, b) # F.linear; bf16 x with <= MAX_ROWS (64) rows runs on the kernel
+    gemv.load()              # builds gemv.c once (gcc, ~1 s, cached on disk); False if it cannot
+    y = gemv.linear(x, w, b) # F.linear; bf16 x with <= MAX_ROWS (64) rows runs on the kernel,
+                             # fp32 x of 2..8 rows with large weights too (FP32_* below)
 
 Why. At batch 1 a decode step reads every weight once for a handful of FLOPs per byte, so its speed
 limit is memory bandwidth. On this AVX2 CPU (no native bf16 arithmetic) torch's bf16 F.linear at one
 row reads its weights at 6.5-7 GB/s with one thread and 11-12.5 with two, where a plain sum over
 memory reads ~10-11 and ~15-16 (issue 13; `nanoseek bench engine --preset r1_distill_qwen_1p5b` prints both). The
-kernel (gemv_bf16.c) widens bf16 to fp32 with a 16-bit shift and streams 4 weight rows at a time
+kernel (gemv.c) widens bf16 to fp32 with a 16-bit shift and streams 4 weight rows at a time
 through FMAs, prefetching the next rows; fp32 accumulation and one rounding to bf16, as F.linear
 does. `nanoseek bench gemv` measures it; in one process, interleaved (2026-11-30, this 2-core AVX2
 machine), GB/s of weights read, kernel vs F.linear:
@@ -25,11 +26,15 @@ chunk of 8 rows of x from L1: 1536 -> 8960 at 16 / 32 / 64 rows, 31 / 33 / 29 GF
 8.8 / 9.3 / 9.1 (torch's bf16 GEMM on this AVX2 CPU). MAX_ROWS = 64 keeps x
 (64 rows x K in fp32) within the caches; longer prefills stay on F.linear.
 
+fp32 weights run the same loop without the widening, where MKL's sgemm is slow: at 2-8 rows it
+takes up to twice its 1-row time on the small models' decode shapes (a speculative verification
+at batch 1 is 2 rows); see FP32_MIN_WEIGHT for the measured split.
+
 How it runs. The C file is compiled with the system C compiler into a cache directory
 ($NANOSEEK_CACHE_DIR, else ~/.cache/nanoseek; the file name carries a hash of source and flags) and
 loaded with ctypes into this process, which has imported torch: its `omp parallel` runs on torch's
 own OpenMP runtime (the same libgomp.so.1, so no second thread pool), with torch.get_num_threads()
-threads. The product is a torch custom op (`nanoseek::gemv_bf16`), so a torch.compile'd decode step
+threads. The product is a torch custom op (`nanoseek::gemv`), so a torch.compile'd decode step
 calls it as one opaque kernel, without a graph break. `load()` checks the kernel against F.linear on
 odd shapes before anything uses it; where the CPU lacks AVX2/FMA, no compiler is found or the check
 fails, `linear` is F.linear and `load()` says why (`reason()`).
@@ -51,12 +56,26 @@ import torch
 import torch.nn.functional as F
 
 MAX_ROWS = 64                 # rows of x the kernel takes; more go to F.linear
-SOURCE = Path(__file__).with_name("gemv_bf16.c")
+SOURCE = Path(__file__).with_name("gemv.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 
-_lib = None                   # the loaded kernel, once load() succeeded
+# fp32 weights take the kernel only where it beats MKL's sgemm by more than the custom op's call
+# costs (~20-30 µs inside a compiled graph, ~80 in eager). Inside a compiled function (C++ wrapper,
+# 1 thread, 24 weight copies cycled, µs per product, kernel / F.linear, 2026-11-30):
+#     rows        1          2          4          8          16
+#     768x320     268/242    232/282    260/335    258/346    441/402
+#     1024x320    284/270    313/419    316/436    386/532    625/661
+#     512x256     146/135    202/236    180/212    159/217    339/288
+#     128x256     70/43      70/40      63/35      89/68      117/77
+# and 4096x320 at 1 / 2 rows 1,026/1,149 and 1,106/2,211 (sgemm at 2 rows takes ~2x its 1-row time).
+# So: 2..FP32_MAX_ROWS rows from FP32_MIN_WEIGHT weights, 1 row only from FP32_MIN_WEIGHT_1.
+FP32_MIN_WEIGHT = 1 << 17
+FP32_MIN_WEIGHT_1 = 1 << 20
+FP32_MAX_ROWS = 8
+_lib = None                   # the loaded kernels ({name: ctypes function}), once load() succeeded
 _loaded = False               # _lib is not None (a plain bool: what compiled code guards on)
 _reason: str | None = None    # why it is not loaded, once load() failed
+_DTYPES = (torch.bfloat16, torch.float32)
 
 
 def reason() -> str | None:
@@ -82,7 +101,7 @@ def _build() -> Path:
     src = SOURCE.read_bytes()
     digest = hashlib.sha256(src + " ".join((cc,) + FLAGS).encode()).hexdigest()[:16]
     root = Path(os.environ.get("NANOSEEK_CACHE_DIR") or Path.home() / ".cache" / "nanoseek") / "kernels"
-    out = root / f"gemv_bf16-{digest}.so"
+    out = root / f"gemv-{digest}.so"
     if out.exists():
         return out
     root.mkdir(parents=True, exist_ok=True)
@@ -97,19 +116,19 @@ def _build() -> Path:
 
 def _self_check() -> str | None:
     """The kernel against F.linear on shapes with tails (N % 4, K % 8), every register-blocked row
-    count and a few chunked ones, bias and a strided weight; None when it agrees."""
+    count and a few chunked ones, bias, a strided weight, both dtypes; None when it agrees."""
     g = torch.Generator().manual_seed(0)
-    for M in sorted({*range(1, 10), 16, 19, MAX_ROWS}):
-        for N, K in ((37, 29), (64, 128), (5, 8)):
-            x = torch.randn(M, K, generator=g).bfloat16()
-            w = torch.randn(N, K + 3, generator=g).bfloat16()[:, 1:K + 1]
-            b = torch.randn(N, generator=g).bfloat16()
-            for bias in (None, b):
-                want = F.linear(x.float(), w.float(), None if bias is None else bias.float())
-                got = _run(x, w, bias).float()
-                tol = 1e-2 * (1 + want.abs())
-                if not bool(((got - want).abs() <= tol).all()):
-                    return f"disagrees with F.linear at M={M} N={N} K={K} bias={bias is not None}"
+    for dtype, rtol in ((torch.bfloat16, 1e-2), (torch.float32, 1e-5)):
+        for M in sorted({*range(1, 10), 16, 19, MAX_ROWS}):
+            for N, K in ((37, 29), (64, 128), (5, 8)):
+                x = torch.randn(M, K, generator=g).to(dtype)
+                w = torch.randn(N, K + 3, generator=g).to(dtype)[:, 1:K + 1]
+                b = torch.randn(N, generator=g).to(dtype)
+                for bias in (None, b):
+                    want = F.linear(x.double(), w.double(), None if bias is None else bias.double())
+                    got = _run(x, w, bias).double()
+                    if not bool(((got - want).abs() <= rtol * (1 + want.abs())).all()):
+                        return f"disagrees with F.linear at M={M} N={N} K={K} bias={bias is not None} {dtype}"
     return None
 
 
@@ -125,12 +144,14 @@ def load() -> bool:
         return False
     try:
         lib = ctypes.CDLL(str(_build()))
-        fn = lib.nanoseek_gemv_bf16
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
-                       ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                       ctypes.c_int]
-        fn.restype = ctypes.c_int
-        _lib = fn
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        fns = {}
+        for dtype, name in ((torch.bfloat16, "nanoseek_gemv_bf16"), (torch.float32, "nanoseek_gemv_f32")):
+            fn = getattr(lib, name)
+            fn.argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]
+            fn.restype = ctypes.c_int
+            fns[dtype] = fn
+        _lib = fns
         why = _self_check()
     except (OSError, RuntimeError, AttributeError) as e:
         _lib, why = None, str(e)
@@ -150,15 +171,15 @@ def _run(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tens
         b = b.contiguous()
     M, K = x.shape
     N = w.shape[0]
-    y = torch.empty(M, N, dtype=torch.bfloat16)
-    rc = _lib(x.data_ptr(), x.stride(0), w.data_ptr(), w.stride(0), None if b is None else b.data_ptr(),
-              y.data_ptr(), N, M, N, K, torch.get_num_threads())
+    y = torch.empty(M, N, dtype=x.dtype)
+    rc = _lib[x.dtype](x.data_ptr(), x.stride(0), w.data_ptr(), w.stride(0), None if b is None else b.data_ptr(),
+                       y.data_ptr(), N, M, N, K, torch.get_num_threads())
     if rc != 0:
-        raise RuntimeError(f"gemv_bf16 failed on {M} rows (out of memory for x in fp32?)")
+        raise RuntimeError(f"gemv failed on {M} rows (out of memory for x in fp32?)")
     return y
 
 
-@torch.library.custom_op("nanoseek::gemv_bf16", mutates_args=())
+@torch.library.custom_op("nanoseek::gemv", mutates_args=())
 def _gemv_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return _run(x, weight, bias)
 
@@ -169,13 +190,17 @@ def _(x, weight, bias):
 
 
 def fits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Whether `linear` takes the kernel for these: loaded, CPU, all bf16, <= MAX_ROWS rows, weight rows
-    contiguous, no autograd."""
-    if not _loaded or x.device.type != "cpu" or x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16:
+    """Whether `linear` takes the kernel for these: loaded, CPU, all bf16 or all fp32, <= MAX_ROWS rows,
+    weight rows contiguous, no autograd."""
+    if not _loaded or x.device.type != "cpu" or x.dtype not in _DTYPES or weight.dtype != x.dtype:
         return False
-    if bias is not None and (bias.dtype != torch.bfloat16 or bias.stride(0) != 1):
+    if bias is not None and (bias.dtype != x.dtype or bias.stride(0) != 1):
         return False
-    if x.numel() // max(x.shape[-1], 1) > MAX_ROWS or x.numel() == 0 or weight.stride(1) != 1:
+    rows = x.numel() // max(x.shape[-1], 1)
+    if rows > MAX_ROWS or x.numel() == 0 or weight.stride(1) != 1:
+        return False
+    if x.dtype == torch.float32 and (rows > FP32_MAX_ROWS or
+                                     weight.numel() < (FP32_MIN_WEIGHT_1 if rows == 1 else FP32_MIN_WEIGHT)):
         return False
     return not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                              or (bias is not None and bias.requires_grad)))

@@ -1,4 +1,4 @@
-"""model/gemv.py's bf16 kernel against its reference, F.linear (in fp32 on the same bf16 values)."""
+"""model/gemv.py's kernel against its reference, F.linear (bf16: in fp32 on the same bf16 values)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,32 @@ def test_matches_f_linear(rows, n, k, bias):
     assert close(got, reference(x, w, b))
 
 
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fp32_matches_f_linear(rows, bias, monkeypatch):
+    """fp32 weights (every register-blocked row count; 1 row only past FP32_MIN_WEIGHT_1, lowered here)."""
+    monkeypatch.setattr(gemv, "FP32_MIN_WEIGHT_1", gemv.FP32_MIN_WEIGHT)
+    g = torch.Generator().manual_seed(rows)
+    n, k = 257, 2 ** 17 // 257 + 3                                     # tails of N and K, >= FP32_MIN_WEIGHT
+    x, w = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g)
+    b = torch.randn(n, generator=g) if bias else None
+    assert gemv.fits(x, w, b)
+    got = gemv.linear(x, w, b)
+    assert got.dtype == torch.float32
+    assert torch.allclose(got, F.linear(x.double(), w.double(), None if b is None else b.double()).float(),
+                          rtol=1e-5, atol=1e-4)
+
+
+def test_fp32_takes_the_kernel_only_where_it_measured_faster():
+    big, small = torch.randn(768, 320), torch.randn(96, 320)
+    assert gemv.fits(torch.randn(2, 320), big, None)
+    assert gemv.fits(torch.randn(gemv.FP32_MAX_ROWS, 320), big, None)
+    assert not gemv.fits(torch.randn(gemv.FP32_MAX_ROWS + 1, 320), big, None)   # MKL's GEMM again
+    assert not gemv.fits(torch.randn(1, 320), big, None)                          # MKL's gemv at 1 row
+    assert not gemv.fits(torch.randn(2, 320), small, None)                        # the call costs more
+    assert not gemv.fits(torch.randn(2, 320), big.bfloat16(), None)               # mixed dtypes
+
+
 def test_strided_inputs_and_leading_dims():
     g = torch.Generator().manual_seed(1)
     w = torch.randn(50, 70, generator=g).bfloat16()[:, 3:67]           # row stride 70
@@ -58,7 +84,7 @@ def test_threads_agree():
 def test_what_stays_on_f_linear():
     x, w = torch.randn(gemv.MAX_ROWS + 1, 16).bfloat16(), torch.randn(8, 16).bfloat16()
     assert not gemv.fits(x, w, None)                                  # more than MAX_ROWS rows
-    assert not gemv.fits(x[:1].float(), w.float(), None)              # fp32
+    assert not gemv.fits(x[:1].float(), w.float(), None)              # fp32, 1 row, a small weight
     wg = w.clone().requires_grad_()
     assert not gemv.fits(x[:1], wg, None)                             # autograd needs F.linear
     with torch.no_grad():
