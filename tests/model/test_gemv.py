@@ -145,3 +145,15 @@ def test_bench_gemv_json_micro(capsys):
     assert set(r["ratios"]) == {"64x48_rows1_vs_f_linear", "64x48_rows9_vs_f_linear", "64x48_rows70_vs_f_linear"}
     assert r["figures"]["64x48_rows1_on_kernel"] == 1.0 and r["figures"]["64x48_rows70_on_kernel"] == 0.0
     assert all(r["figures"][f"64x48_rows{m}_max_rel_err"] < 2e-2 for m in (1, 9, 70))
+
+
+def test_bench_gemv_fp32_micro(capsys):
+    import json
+
+    from nanoseek.cli import main
+    assert main(["bench", "gemv", "--json", "--dtype", "float32", "--shapes", "512x256", "--rows", "1,2",
+                 "--seconds", "0.01", "--ring-mb", "1"]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["config"]["dtype"] == "float32"
+    assert r["figures"]["512x256_rows2_on_kernel"] == 1.0 and r["figures"]["512x256_rows1_on_kernel"] == 0.0
+    assert all(r["figures"][f"512x256_rows{m}_max_rel_err"] < 1e-5 for m in (1, 2))
