@@ -32,10 +32,15 @@ All random numbers come from the sequence's own generator (sequence.py).
 
 Measured (`nanoseek bench engine`, greedy, 1 thread, both engines compiled, 2026-11-30): the
 small preset (8 layers) pretrained 120 steps on regular synthetic text, k = 1: acceptance 0.88,
-speed-up 1.20× at batch 1 and 1.16× at batch 8; the tiny preset (4 layers): acceptance 0.90 and
-no gain (0.97×). A speculative step does a 2-token verification of the main model plus the MTP
-pass (one MoE layer, eh_proj, its head) and the accept bookkeeping: ~1.6 plain steps on small,
-~2 on tiny, against the 1.9 tokens it yields. (Eager, when this landed: 1.17-1.26× on tiny.)
+speed-up 1.13x at batch 1 and 1.34x at batch 8; the tiny preset (4 layers): acceptance 0.90 and
+no gain at batch 1 (1.00x). More drafts on small, plain vs k = 1 / 2 / 3 interleaved per prompt in
+one process: 1.11x / 1.16x / 1.03x, acceptance 0.89 / 0.83 / 0.60 (the recurrent drafts past the
+first are weak). What bounds it: a 2-token verification costs ~1.25x a 1-token step here (the two
+tokens' experts are mostly different ones, and small fp32 GEMMs are per-call bound, not
+bandwidth bound), plus the MTP pass (one MoE layer and eh_proj, ~0.15 of a step) and a second
+vocabulary projection; against the 1.85-1.9 tokens a step yields. Verification, target argmax and
+the MTP pass fused into one compiled call measured 1.03x over these separate calls (paired, 40
+generates) for a second full-size graph per capture size to compile, and was not kept.
 """
 from __future__ import annotations
 
