@@ -145,15 +145,6 @@ static inline __attribute__((always_inline)) void product(
     }
 }
 
-static void product_bf16(const float *xf, int64_t M, int64_t K, const void *w, int64_t ldw, int64_t N,
-                         const void *b, void *y, int64_t ldy, int threads) {
-    product(xf, M, K, w, ldw, N, b, y, ldy, threads, 1, 0);
-}
-static void product_f32(const float *xf, int64_t M, int64_t K, const void *w, int64_t ldw, int64_t N,
-                        const void *b, void *y, int64_t ldy, int threads) {
-    product(xf, M, K, w, ldw, N, b, y, ldy, threads, 0, 1);
-}
-
 /* x rows (dtype bf) -> fp32 [M, K] */
 static float *widen(const void *x, int64_t ldx, int64_t M, int64_t K, int bf) {
     float *xf = (float *)malloc(sizeof(float) * (M * K + 1));
@@ -164,25 +155,16 @@ static float *widen(const void *x, int64_t ldx, int64_t M, int64_t K, int bf) {
     return xf;
 }
 
-/* `threads`: the caller's torch.get_num_threads() (OpenMP's per-thread setting may differ in the
- * thread that calls). Returns 0, or -1 when M < 1 or memory runs out. */
-int nanoseek_gemv_bf16(const uint16_t *x, int64_t ldx, const uint16_t *w, int64_t ldw,
-                       const uint16_t *b, uint16_t *y, int64_t ldy, int64_t M, int64_t N, int64_t K,
-                       int threads) {
+/* bf: x, w, b and y are bf16 (else fp32). `threads`: the caller's torch.get_num_threads() (OpenMP's
+ * per-thread setting may differ in the thread that calls). Returns 0, or -1 when M < 1 or memory
+ * runs out. */
+int nanoseek_gemv(const void *x, int64_t ldx, const void *w, int64_t ldw, const void *b, void *y, int64_t ldy,
+                  int64_t M, int64_t N, int64_t K, int bf, int threads) {
     if (M < 1) return -1;
-    float *xf = widen(x, ldx, M, K, 1);
+    float *xf = widen(x, ldx, M, K, bf);
     if (!xf) return -1;
-    product_bf16(xf, M, K, w, ldw, N, b, y, ldy, threads);
-    free(xf);
-    return 0;
-}
-
-int nanoseek_gemv_f32(const float *x, int64_t ldx, const float *w, int64_t ldw,
-                      const float *b, float *y, int64_t ldy, int64_t M, int64_t N, int64_t K, int threads) {
-    if (M < 1) return -1;
-    float *xf = widen(x, ldx, M, K, 0);
-    if (!xf) return -1;
-    product_f32(xf, M, K, w, ldw, N, b, y, ldy, threads);
+    if (bf) product(xf, M, K, w, ldw, N, b, y, ldy, threads, 1, 0);   /* constant BF, YF: one copy each */
+    else product(xf, M, K, w, ldw, N, b, y, ldy, threads, 0, 1);
     free(xf);
     return 0;
 }

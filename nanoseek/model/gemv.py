@@ -72,7 +72,7 @@ FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 FP32_MIN_WEIGHT = 1 << 17
 FP32_MIN_WEIGHT_1 = 1 << 20
 FP32_MAX_ROWS = 8
-_lib = None                   # the loaded kernels ({name: ctypes function}), once load() succeeded
+_lib = None                   # the loaded kernel (a ctypes function), once load() succeeded
 _loaded = False               # _lib is not None (a plain bool: what compiled code guards on)
 _reason: str | None = None    # why it is not loaded, once load() failed
 _DTYPES = (torch.bfloat16, torch.float32)
@@ -145,13 +145,10 @@ def load() -> bool:
     try:
         lib = ctypes.CDLL(str(_build()))
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        fns = {}
-        for dtype, name in ((torch.bfloat16, "nanoseek_gemv_bf16"), (torch.float32, "nanoseek_gemv_f32")):
-            fn = getattr(lib, name)
-            fn.argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]
-            fn.restype = ctypes.c_int
-            fns[dtype] = fn
-        _lib = fns
+        fn = lib.nanoseek_gemv
+        fn.argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, i64, ctypes.c_int, ctypes.c_int]
+        fn.restype = ctypes.c_int
+        _lib = fn
         why = _self_check()
     except (OSError, RuntimeError, AttributeError) as e:
         _lib, why = None, str(e)
@@ -172,8 +169,8 @@ def _run(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tens
     M, K = x.shape
     N = w.shape[0]
     y = torch.empty(M, N, dtype=x.dtype)
-    rc = _lib[x.dtype](x.data_ptr(), x.stride(0), w.data_ptr(), w.stride(0), None if b is None else b.data_ptr(),
-                       y.data_ptr(), N, M, N, K, torch.get_num_threads())
+    rc = _lib(x.data_ptr(), x.stride(0), w.data_ptr(), w.stride(0), None if b is None else b.data_ptr(),
+              y.data_ptr(), N, M, N, K, int(x.dtype == torch.bfloat16), torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"gemv failed on {M} rows (out of memory for x in fp32?)")
     return y
