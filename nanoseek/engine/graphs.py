@@ -44,8 +44,8 @@ Wrapper. Models of at most CPP_WRAPPER_MAX_BYTES of weights compile with inducto
 larger models keep the Python one, whose cost is noise beside reading their weights.
 
 Dispatch. Once warm, a call goes straight into the code dynamo made for its (batch size, rows per
-sequence), the guards of that code still checked (`Direct`): dynamo's own frame evaluation cost
-~0.5 ms a call, a tenth of a small model's step.
+sequence), the guards of that code still checked (dispatch.py's `Direct`): dynamo's own frame
+evaluation cost ~0.5 ms a call, a tenth of a small model's step.
 
 Compile cost. The first call of a function at a size compiles it; `warm_up()` does that for every
 size up front and reports the seconds. Inductor's on-disk caches (FX graph cache, under
@@ -60,6 +60,7 @@ import types
 import torch
 import torch.nn.functional as F
 
+from nanoseek.engine.dispatch import Direct
 from nanoseek.model.fastpath import run_linear
 from nanoseek.model.mla import MLA
 from nanoseek.model.moe import MoE
@@ -253,46 +254,6 @@ def _own_copy(fn, key):
         code = fn.__code__.replace(co_name=f"{fn.__name__}_{len(_OWN_CODE)}")
         _OWN_CODE[fn, key] = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
     return _OWN_CODE[fn, key]
-
-
-class Direct:
-    """A torch.compile'd function, called straight into the code dynamo made for an input signature
-    once it has seen it (vLLM's TorchCompileWrapperWithCustomDispatcher does the same on GPUs).
-    Going through dynamo's frame evaluation cost ~0.5 ms a call here, with 4 graphs per function
-    (small, batch 1: 5.94 -> 5.42 ms a step, median of 30 interleaved rounds of 30 calls), against
-    ~10 µs for the guards themselves. So the guards of the entry that matched last time are still
-    checked on every call (the same checks dynamo makes; a miss goes back through dynamo, which
-    recompiles if it must), only the frame machinery is skipped. An entry whose code would resume
-    after a graph break is never called this way (its resume functions would run uncompiled)."""
-
-    def __init__(self, compiled):
-        self.compiled = compiled
-        self.orig = compiled._torchdynamo_orig_callable
-        code = self.orig.__code__
-        self.names = code.co_varnames[: code.co_argcount]
-        self.known: dict = {}              # signature -> (guard manager, function on dynamo's code)
-
-    def __call__(self, sig, *args):
-        hit = self.known.get(sig)
-        if hit is not None and hit[0].check(dict(zip(self.names, args))):
-            return hit[1](*args)
-        out = self.compiled(*args)
-        self._learn(sig, args)
-        return out
-
-    def _learn(self, sig, args) -> None:
-        try:
-            from torch._dynamo.eval_frame import _debug_get_cache_entry_list
-            f_locals = dict(zip(self.names, args))
-            for entry in _debug_get_cache_entry_list(self.orig.__code__):
-                if entry.guard_manager.check(f_locals):
-                    if not any(n.startswith("__resume_at") for n in entry.code.co_names):
-                        fn = types.FunctionType(entry.code, self.orig.__globals__, self.orig.__name__,
-                                                self.orig.__defaults__, self.orig.__closure__)
-                        self.known[sig] = (entry.guard_manager, fn)
-                    return
-        except (ImportError, AttributeError, TypeError):      # a torch without these internals: dynamo's way
-            self.known[sig] = None
 
 
 class DecodeGraphs:

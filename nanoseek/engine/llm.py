@@ -13,6 +13,7 @@ Split the vLLM / nano-vllm way, one concept per file:
   scheduler.py     continuous batching, chunked prefill, token budget, preemption
   runner.py        packs a step into one [1, N] forward pass; logits only where sampled
   graphs.py        decode steps as compiled pieces at fixed batch sizes (LLM(compile=True))
+  dispatch.py      warm compiled functions called straight into dynamo's code
   sampler.py       temperature / top-k / top-p, per-request generators, logprobs
   speculative.py   MTP drafting and exact acceptance
   loading.py       a model directory's tokenizer and sampling defaults

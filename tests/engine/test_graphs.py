@@ -8,7 +8,7 @@ import torch
 
 from nanoseek.config import qwen2_tiny
 from nanoseek.engine import LLM, SamplingParams
-from nanoseek.engine import graphs
+from nanoseek.engine import dispatch, graphs
 from nanoseek.engine.graphs import DecodeGraphs
 from nanoseek.engine.speculative import MTPDrafter
 from tests.engine.test_engine import V, _model, _prompts, _v3
@@ -155,16 +155,16 @@ def test_compiled_speculative_decode_equals_eager(monkeypatch):
     sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     assert [o[0].token_ids for o in got.generate(prompts, sp)] == [o[0].token_ids for o in plain.generate(prompts, sp)]
     assert 0 < got.counters["spec_accepted"] < got.counters["spec_proposed"]
-    # every compiled function went straight to dynamo's code after warm-up (graphs.Direct)
+    # every compiled function went straight to dynamo's code after warm-up (dispatch.Direct)
     g = got.runner.graphs
     for fn in [r[0] for r in g.runs] + [g.mtp]:
         assert fn.known and all(v is not None for v in fn.known.values())
 
 
 def test_direct_dispatch_falls_back_to_dynamo_on_a_guard_miss():
-    """graphs.Direct: the code for a signature is called directly while its guards hold; a call that
+    """dispatch.Direct: the code for a signature is called directly while its guards hold; a call that
     fails them (another shape under the same signature) goes through dynamo and is still right."""
-    d = graphs.Direct(torch.compile(lambda x, n: x * n + 1, dynamic=False))
+    d = dispatch.Direct(torch.compile(lambda x, n: x * n + 1, dynamic=False))
     through_dynamo, compiled = [], d.compiled
     d.compiled = lambda *a: through_dynamo.append(a) or compiled(*a)
     x = torch.arange(3.0)
