@@ -10,6 +10,10 @@ loop). Ratios (> 1: the kernel is faster): `<shape>_rows<M>_vs_f_linear`.
 
     nanoseek bench gemv --json [--threads 0] [--shapes 8960x1536,1536x8960] [--rows 1,8] [--seconds 0.5]
     nanoseek bench gemv --dtype float32 --shapes 768x320,1024x320 --rows 1,2,4,8 --ring-mb 24
+    nanoseek bench gemv --dtype float32 --packed --shapes 2048x256,512x256 --rows 1,2,16 --ring-mb 32
+
+--packed (fp32) also times model/packed.py's GEMM on packs of the same weights (its table came from
+this loop): `<shape>_rows<M>_packed_vs_f_linear`.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ def add_arguments(p):
     p.add_argument("--seconds", type=float, default=0.5, help="time per side per point")
     p.add_argument("--ring-mb", type=int, default=256, help="bytes of weight copies cycled through (beyond the caches)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="weights and x")
+    p.add_argument("--packed", action="store_true", help="fp32: also time packed.py's GEMM on packed weights")
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
@@ -46,7 +51,10 @@ def _rate(f, x, ws, seconds: float) -> float:
 
 def main(args) -> int:
     from nanoseek.bench.engine import memory_bandwidth
-    from nanoseek.model import gemv
+    from nanoseek.model import gemv, packed
+    if args.packed and args.dtype != "float32":
+        print("--packed takes fp32 weights (--dtype float32)")
+        return 2
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     if not gemv.load():
@@ -60,6 +68,7 @@ def main(args) -> int:
         N, K = (int(v) for v in shape.lower().split("x"))
         copies = max(2, (args.ring_mb << 20) // (N * K * size))
         ws = [torch.randn(N, K, generator=g).to(dtype) for _ in range(min(copies, 64))]
+        packs = {id(w): packed.pack(w) for w in ws} if args.packed else {}
         for M in (int(r) for r in args.rows.split(",")):
             kernel = gemv.run if M <= gemv.MAX_ROWS else gemv.linear      # past MAX_ROWS: F.linear on both sides
             x = torch.randn(M, K, generator=g).to(dtype)
@@ -71,6 +80,8 @@ def main(args) -> int:
                 for _ in range(2):                               # interleaved: the machine's speed drifts
                     t["f"] = _rate(F.linear, x, ws, args.seconds)
                     t["k"] = _rate(kernel, x, ws, args.seconds)
+                    if packs and M <= packed.MAX_ROWS:
+                        t["p"] = _rate(lambda x, w: packed.linear(x, w, packs[id(w)]), x, ws, args.seconds)
             key = f"{N}x{K}_rows{M}"
             figures.update({f"{key}_gb_s": N * K * size / t["k"] / 1e9,
                             f"{key}_gb_s_f_linear": N * K * size / t["f"] / 1e9,
@@ -78,6 +89,10 @@ def main(args) -> int:
                             f"{key}_gflop_s_f_linear": 2 * M * N * K / t["f"] / 1e9,
                             f"{key}_max_rel_err": err, f"{key}_on_kernel": float(kernel_path)})
             ratios[f"{key}_vs_f_linear"] = t["f"] / t["k"]
+            if "p" in t:
+                p_err = float(((packed.linear(x, ws[0], packs[id(ws[0])]).double() - want).abs() / (1 + want.abs())).max())
+                figures.update({f"{key}_gflop_s_packed": 2 * M * N * K / t["p"] / 1e9, f"{key}_max_rel_err_packed": p_err})
+                ratios[f"{key}_packed_vs_f_linear"] = t["f"] / t["p"]
     config = {"threads": torch.get_num_threads(), "shapes": args.shapes, "rows": args.rows, "dtype": args.dtype,
               "max_rows": gemv.MAX_ROWS, "cpu": torch.backends.cpu.get_cpu_capability()}
     report("gemv", config, figures, ratios, args.json)

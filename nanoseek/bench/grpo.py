@@ -148,7 +148,7 @@ class Nanoseek:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             update(self.policy, self.opt, ids, mask, adv, None, ref, self.loss_fn, self.clip, self.cfg, self.dist,
                    micro, float(len(ids)), float(mask.sum()))
-        self.llm.clear_prefix_cache()
+        self.llm.update_weights()
         t3 = time.perf_counter()
         return {"s": t3 - t0, "rollout_s": t1 - t0, "update_s": t3 - t2, "other_s": t2 - t1,
                 "completion_tokens": float(sum(roll.lengths))}

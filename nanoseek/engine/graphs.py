@@ -297,7 +297,8 @@ class DecodeGraphs:
             dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
         param = next(model.parameters())
         key = (repr(model.config), param.dtype, param.device.type,
-               tuple(sorted({type(m).__qualname__ for m in model.modules()})), self.cpp_wrapper)
+               tuple(sorted({type(m).__qualname__ for m in model.modules()})), self.cpp_wrapper,
+               tuple(sorted({n.rsplit(".", 1)[-1] for n, _ in model.named_buffers()})))  # packed.py's packs
 
         def wrap(f, k=key):
             if not compile:

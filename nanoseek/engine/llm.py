@@ -66,7 +66,7 @@ from nanoseek.engine.runner import ModelRunner
 from nanoseek.engine.scheduler import Scheduled, Scheduler
 from nanoseek.engine.sequence import Completion, Request, RequestOutput, SamplingParams, Sequence, Status
 from nanoseek.engine.speculative import MTPDrafter, accept_greedy, accept_sampled
-from nanoseek.model import gemv
+from nanoseek.model import gemv, packed
 
 
 class LLM:
@@ -74,12 +74,16 @@ class LLM:
                  kv_cache_memory: int = 256 << 20, num_blocks: int | None = None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 2048, enable_prefix_caching: bool = True,
                  speculative_tokens: int = 0, max_model_len: int | None = None, add_bos: bool = True,
-                 compile: bool = False, compile_sizes: tuple[int, ...] | None = None, log=None):
+                 compile: bool = False, compile_sizes: tuple[int, ...] | None = None, pack_weights: bool = True,
+                 log=None):
         """model: a checkpoint directory (nanoseek.load_pretrained) or a Transformer. KV memory is
         `num_blocks` blocks of `block_size` tokens, or as many as fit in `kv_cache_memory` bytes.
         speculative_tokens = k > 0 drafts k tokens per step with the model's MTP module.
         A bf16 model on CPU runs its decode steps' linears on model/gemv.py's kernel (built here,
-        once per machine). compile=True runs decode steps (every sequence one token) as torch.compile'd pieces at the
+        once per machine); an fp32 one its large linears and MoE experts on weights packed here
+        (model/packed.py: a second copy of those weights, `self.packed_bytes`; repacked by itself
+        when a weight is written in place; pack_weights=False keeps MKL).
+        compile=True runs decode steps (every sequence one token) as torch.compile'd pieces at the
         batch sizes `compile_sizes` (default graphs.DEFAULT_SIZES up to max_num_seqs), compiled
         here at start-up (`self.compile_seconds`, reported through `log`); compile=False keeps the
         eager model for every step (the reference)."""
@@ -104,6 +108,9 @@ class LLM:
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens, lookahead=speculative_tokens)
         if param.dtype in (torch.bfloat16, torch.float32) and param.device.type == "cpu" and not gemv.load() and log:
             log(f"decode linears stay on F.linear: {gemv.reason()}")
+        self.packed_bytes = 0
+        if param.dtype == torch.float32 and param.device.type == "cpu" and pack_weights:
+            self.packed_bytes = packed.attach(model)
         graphs, self.compile_seconds = None, None
         if compile:
             from nanoseek.engine.graphs import DEFAULT_SIZES, DecodeGraphs
@@ -214,7 +221,9 @@ class LLM:
     @torch.no_grad()
     def update_weights(self, weights=None) -> None:
         """Copy new weights in place (a state dict, (name, tensor) pairs or a module; nanoseek or
-        transformers names; a subset is fine), then clear the prefix cache."""
+        transformers names; a subset is fine), then forget what came from the old ones: the prefix
+        cache and the packed weights (model/packed.py). With no argument: the weights were changed
+        in place (an optimizer step on the shared model); only the forgetting."""
         if weights is not None:
             if isinstance(weights, torch.nn.Module):
                 weights = weights.state_dict()
@@ -230,6 +239,7 @@ class LLM:
                 raise ValueError(f"update_weights: unknown or mis-shaped tensors: {unknown[:8]}")
             for k, v in items.items():
                 own[k].copy_(v)
+        packed.forget(self.model)
         self.blocks.clear()
 
     def clear_prefix_cache(self) -> None:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanoseek.model import gemv
+from nanoseek.model import gemv, packed
 
 
 @functools.cache
@@ -96,9 +96,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def run_linear(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """m(x) for any Linear-like module; a plain nn.Linear goes through the fast `linear`.
+    """m(x) for any Linear-like module; a plain nn.Linear goes through the fast `linear`, or through
+    its pre-packed weight (packed.py: a decode step's rows of an fp32 model in an engine).
     (A subclass swapped in from outside — fp8.Fp8Linear, a LoRA layer — keeps its own forward.)"""
-    return linear(x, m.weight, m.bias) if type(m) is nn.Linear else m(x)
+    if type(m) is not nn.Linear:
+        return m(x)
+    p = getattr(m, "packed_weight", None)
+    if p is not None and packed.fits(x, m.weight, p):
+        return packed.linear(x, m.weight, p, m.bias)
+    return linear(x, m.weight, m.bias)
 
 
 def fused_linear(x: torch.Tensor, *linears: nn.Linear) -> torch.Tensor | None:

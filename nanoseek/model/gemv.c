@@ -20,6 +20,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <math.h>
+#include <omp.h>
 
 #define MAX_ROWS 8       /* rows of x in registers at once; more rows go through many_rows */
 
@@ -166,5 +168,171 @@ int nanoseek_gemv(const void *x, int64_t ldx, const void *w, int64_t ldw, const 
     if (bf) product(xf, M, K, w, ldw, N, b, y, ldy, threads, 1, 0);   /* constant BF, YF: one copy each */
     else product(xf, M, K, w, ldw, N, b, y, ldy, threads, 0, 1);
     free(xf);
+    return 0;
+}
+
+/* ---------------------------------------------------------------- fp32 GEMM on pre-packed weights
+ * y [M, N] = x [M, K] Wᵀ (+ b) for a few rows of x (a decode step's batch), W [N, K] fp32 packed once
+ * (nanoseek_pack16) into panels of PANEL output columns, each panel K rows of PANEL contiguous values
+ * (the last one zero-padded). A panel is read from memory once and used by every chunk of 6 rows of x
+ * from L1: 6 x 16 outputs in 12 ymm accumulators, 2 weight loads and 6 broadcasts per 12 FMAs.
+ *
+ * Why: MKL's sgemm packs the weight on every call. At decode sizes (1-32 rows, K = 256-1024) on this
+ * machine it ran at 4-30 GFLOP/s and read its weights at 3-10 GB/s (model/packed.py has the table).
+ *
+ * Every chunk prefetches (into L2) its share of the next panel's lines, spread evenly over the
+ * chunks: with only the first chunk reading memory, memory sat idle while the others computed from
+ * L1 (256 -> 2048 at 16 rows: 341 µs with the next panel fetched by the second chunk alone, 271
+ * spread; `/tmp/e16/mb4.py`). */
+#define PANEL 16
+
+void nanoseek_pack16(const float *w, int64_t ldw, float *p, int64_t N, int64_t K) {
+    for (int64_t n0 = 0; n0 < N; n0 += PANEL) {
+        float *pp = p + n0 * K;
+        const int64_t nn = N - n0 < PANEL ? N - n0 : PANEL;
+        for (int64_t k = 0; k < K; k++) {
+            for (int64_t j = 0; j < nn; j++) pp[k * PANEL + j] = w[(n0 + j) * ldw + k];
+            for (int64_t j = nn; j < PANEL; j++) pp[k * PANEL + j] = 0.f;
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void store_row(float *y, __m256 v0, __m256 v1, __m256 c0, __m256 c1,
+                                                            int64_t nn) {
+    v0 = _mm256_add_ps(v0, c0);
+    v1 = _mm256_add_ps(v1, c1);
+    if (nn == PANEL) {
+        _mm256_storeu_ps(y, v0);
+        _mm256_storeu_ps(y + 8, v1);
+        return;
+    }
+    float t[PANEL];
+    _mm256_storeu_ps(t, v0);
+    _mm256_storeu_ps(t + 8, v1);
+    memcpy(y, t, nn * sizeof(float));
+}
+
+/* named accumulators, not an array: gcc kept an array of them on the stack (a store per FMA) */
+#define FMA_ROW(r) if (R > r) { __m256 a = _mm256_broadcast_ss(x + r * ldx + k);          \
+        c##r##0 = _mm256_fmadd_ps(a, b0, c##r##0); c##r##1 = _mm256_fmadd_ps(a, b1, c##r##1); }
+#define STORE_ROW(r) if (R > r) store_row(y + r * ldy, c##r##0, c##r##1, bias0, bias1, nn);
+
+/* R (<= 6, a constant at every call site) rows of x against one panel: y[r][0..nn) */
+static inline __attribute__((always_inline)) void panel_rows(
+        const int R, const float *x, int64_t ldx, const float *pp, int64_t K, const float *b, float *y,
+        int64_t ldy, int64_t nn, const float *next, int64_t line0, uint64_t inv) {
+    const __m256 z = _mm256_setzero_ps();
+    __m256 c00 = z, c01 = z, c10 = z, c11 = z, c20 = z, c21 = z, c30 = z, c31 = z, c40 = z, c41 = z,
+           c50 = z, c51 = z;
+    for (int64_t k = 0; k < K; k++) {
+        const __m256 b0 = _mm256_loadu_ps(pp + k * PANEL), b1 = _mm256_loadu_ps(pp + k * PANEL + 8);
+        /* line (line0 + k) / chunks of the next panel; inv = 2^32 / chunks, rounded up */
+        _mm_prefetch((const char *)(next + (((uint64_t)(line0 + k) * inv) >> 32) * PANEL), _MM_HINT_T1);
+        FMA_ROW(0) FMA_ROW(1) FMA_ROW(2) FMA_ROW(3) FMA_ROW(4) FMA_ROW(5)
+    }
+    __m256 bias0 = z, bias1 = z;
+    if (b) {
+        float t[PANEL] = {0};
+        memcpy(t, b, nn * sizeof(float));
+        bias0 = _mm256_loadu_ps(t);
+        bias1 = _mm256_loadu_ps(t + 8);
+    }
+    STORE_ROW(0) STORE_ROW(1) STORE_ROW(2) STORE_ROW(3) STORE_ROW(4) STORE_ROW(5)
+}
+
+#define PANEL_ROWS(R) panel_rows(R, x + m * ldx, ldx, pp, K, bq, y + m * ldy + n0, ldy, nn, pp + K * PANEL, \
+                                 m / 6 * K, inv)
+
+/* panel q of W (outputs q·PANEL ..) for all M rows of x */
+static inline __attribute__((always_inline)) void panel_all_rows(
+        int64_t q, const float *x, int64_t ldx, const float *p, const float *b, float *y, int64_t ldy,
+        int64_t M, int64_t N, int64_t K, uint64_t inv) {
+    const float *pp = p + q * K * PANEL;
+    const int64_t n0 = q * PANEL, nn = N - n0 < PANEL ? N - n0 : PANEL;
+    const float *bq = b ? b + n0 : NULL;
+    int64_t m = 0;
+    for (; m + 6 <= M; m += 6) PANEL_ROWS(6);
+    switch (M - m) {
+        case 5: PANEL_ROWS(5); break;
+        case 4: PANEL_ROWS(4); break;
+        case 3: PANEL_ROWS(3); break;
+        case 2: PANEL_ROWS(2); break;
+        case 1: PANEL_ROWS(1); break;
+        default: break;
+    }
+}
+
+static inline uint64_t inverse_chunks(int64_t M) {       /* 2^32 / (6-row chunks of M), rounded up */
+    const int64_t chunks = (M + 5) / 6;
+    return ((1ull << 32) + chunks - 1) / chunks;
+}
+
+/* x [M, K] (row stride ldx), p from nanoseek_pack16 for W [N, K], b [N] or NULL, y [M, N] (stride ldy);
+ * all fp32. Panels are split among `threads` OpenMP threads. */
+void nanoseek_gemm_packed(const float *x, int64_t ldx, const float *p, const float *b, float *y, int64_t ldy,
+                          int64_t M, int64_t N, int64_t K, int threads) {
+    const int64_t panels = (N + PANEL - 1) / PANEL;
+    const uint64_t inv = inverse_chunks(M);
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t q = 0; q < panels; q++) panel_all_rows(q, x, ldx, p, b, y, ldy, M, N, K, inv);
+}
+
+/* ---------------------------------------------------------------- MoE experts on packed weights
+ * y [N, H] = Σ_j wts[n, j] · down_e(silu(gate_e(x_n)) · up_e(x_n)), e = idx[n, j] (SwiGLU experts), with
+ * gate/up packed from [E·2I, H] (each expert's gate rows, then its up rows) and down from [E·H, I];
+ * 2I and H multiples of PANEL, so each expert owns whole panels. Each expert runs on the rows that
+ * chose it (gathered), so its weights are read once and only the chosen pairs' FLOPs are done: at a
+ * decode step of 16 tokens, top-2 of 8 experts, a quarter of what every expert on every row costs.
+ * Experts are split among threads, each adding into its own copy of y. Returns 0, or -1 when
+ * memory runs out or an index is out of range. */
+int nanoseek_moe_packed(const float *x, int64_t N, int64_t H, const int64_t *idx, const float *wts, int64_t top,
+                        const float *gate_up, const float *down, int64_t E, int64_t I, float *y, int threads) {
+    for (int64_t i = 0; i < N * top; i++)
+        if (idx[i] < 0 || idx[i] >= E) return -1;
+    const int64_t per_thread = N * H + N * 2 * I + N * H + N * H;   /* x rows, gate/up, expert out, own y */
+    float *buf = (float *)malloc(sizeof(float) * per_thread * threads + 1);
+    int64_t *rows = (int64_t *)malloc(sizeof(int64_t) * N * threads + 1);
+    if (!buf || !rows) { free(buf); free(rows); return -1; }
+    memset(y, 0, sizeof(float) * N * H);
+    #pragma omp parallel num_threads(threads)
+    {
+        const int t = omp_get_thread_num();
+        float *xe = buf + t * per_thread, *h = xe + N * H, *out = h + N * 2 * I, *yt = out + N * H;
+        int64_t *r = rows + t * N;
+        memset(yt, 0, sizeof(float) * N * H);
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t e = 0; e < E; e++) {
+            int64_t ne = 0;
+            for (int64_t n = 0; n < N; n++)
+                for (int64_t j = 0; j < top; j++)
+                    if (idx[n * top + j] == e) {
+                        r[ne] = n;
+                        memcpy(xe + ne * H, x + n * H, sizeof(float) * H);
+                        ne++;
+                        break;
+                    }
+            if (ne == 0) continue;
+            const float *pg = gate_up + e * 2 * I * H, *pd = down + e * H * I;
+            uint64_t inv = inverse_chunks(ne);
+            for (int64_t q = 0; q < 2 * I / PANEL; q++) panel_all_rows(q, xe, H, pg, NULL, h, 2 * I, ne, 2 * I, H, inv);
+            /* act = silu(gate) · up · routing weight, in place of gate */
+            for (int64_t i = 0; i < ne; i++) {
+                float w = 0.f;
+                for (int64_t j = 0; j < top; j++)
+                    if (idx[r[i] * top + j] == e) w += wts[r[i] * top + j];
+                for (int64_t c = 0; c < I; c++) {
+                    const float g = h[i * 2 * I + c];
+                    h[i * 2 * I + c] = g / (1.f + expf(-g)) * h[i * 2 * I + I + c] * w;
+                }
+            }
+            for (int64_t q = 0; q < H / PANEL; q++) panel_all_rows(q, h, 2 * I, pd, NULL, out, H, ne, H, I, inv);
+            for (int64_t i = 0; i < ne; i++)
+                for (int64_t c = 0; c < H; c++) yt[r[i] * H + c] += out[i * H + c];
+        }
+        #pragma omp critical
+        for (int64_t i = 0; i < N * H; i++) y[i] += yt[i];
+    }
+    free(buf);
+    free(rows);
     return 0;
 }

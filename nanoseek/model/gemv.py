@@ -39,6 +39,9 @@ calls it as one opaque kernel, without a graph break. `load()` checks the kernel
 odd shapes before anything uses it; where the CPU lacks AVX2/FMA, no compiler is found or the check
 fails, `linear` is F.linear and `load()` says why (`reason()`).
 
+The same library holds packed.py's GEMM and MoE op on pre-packed fp32 weights (what an fp32
+model's engine runs its decode steps' large linears on; see there).
+
 Reference: F.linear (tests/model/test_gemv.py: every row count, tails of N and K, bias, strided
 weights, inside torch.compile).
 """
@@ -73,6 +76,7 @@ FP32_MIN_WEIGHT = 1 << 17
 FP32_MIN_WEIGHT_1 = 1 << 20
 FP32_MAX_ROWS = 8
 _lib = None                   # the loaded kernel (a ctypes function), once load() succeeded
+_cdll = None                  # the library it is in (packed.py's GEMM too)
 _loaded = False               # _lib is not None (a plain bool: what compiled code guards on)
 _reason: str | None = None    # why it is not loaded, once load() failed
 _DTYPES = (torch.bfloat16, torch.float32)
@@ -129,12 +133,27 @@ def _self_check() -> str | None:
                     got = _run(x, w, bias).double()
                     if not bool(((got - want).abs() <= rtol * (1 + want.abs())).all()):
                         return f"disagrees with F.linear at M={M} N={N} K={K} bias={bias is not None} {dtype}"
+    for M in (1, 2, 5, 6, 7, 13):                          # packed.py's GEMM: row chunks, panel tails
+        for N, K in ((37, 29), (16, 8), (5, 3)):
+            x, w, b = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g), torch.randn(N, generator=g)
+            p = torch.empty(-(-N // 16) * 16 * K)
+            _cdll.nanoseek_pack16(w.data_ptr(), K, p.data_ptr(), N, K)
+            y = torch.empty(M, N)
+            _cdll.nanoseek_gemm_packed(x.data_ptr(), K, p.data_ptr(), b.data_ptr(), y.data_ptr(), N, M, N, K, 1)
+            if not torch.allclose(y.double(), F.linear(x.double(), w.double(), b.double()), rtol=1e-5, atol=1e-5):
+                return f"the packed GEMM disagrees with F.linear at M={M} N={N} K={K}"
     return None
+
+
+def lib() -> ctypes.CDLL:
+    """The loaded library (after load() returned True): nanoseek_gemv, and packed.py's nanoseek_pack16,
+    nanoseek_gemm_packed and nanoseek_moe_packed."""
+    return _cdll
 
 
 def load() -> bool:
     """Build (once per machine), load and check the kernel; True when `linear` will use it."""
-    global _lib, _reason, _loaded
+    global _lib, _cdll, _reason, _loaded
     if _loaded:
         return True
     if _reason is not None:
@@ -148,12 +167,18 @@ def load() -> bool:
         fn = lib.nanoseek_gemv
         fn.argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, i64, ctypes.c_int, ctypes.c_int]
         fn.restype = ctypes.c_int
-        _lib = fn
+        lib.nanoseek_pack16.argtypes = [ptr, i64, ptr, i64, i64]
+        lib.nanoseek_pack16.restype = None
+        lib.nanoseek_gemm_packed.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]
+        lib.nanoseek_gemm_packed.restype = None
+        lib.nanoseek_moe_packed.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ptr, i64, i64, ptr, ctypes.c_int]
+        lib.nanoseek_moe_packed.restype = ctypes.c_int
+        _lib, _cdll = fn, lib
         why = _self_check()
     except (OSError, RuntimeError, AttributeError) as e:
         _lib, why = None, str(e)
     if why is not None:
-        _lib, _reason = None, why
+        _lib, _cdll, _reason = None, None, why
         return False
     _loaded = True
     return True

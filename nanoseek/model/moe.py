@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanoseek.model import packed
 from nanoseek.model.mlp import MLP
 
 
@@ -226,6 +227,9 @@ def experts_grouped_op(experts: Experts, x, topk_idx, topk_weight) -> torch.Tens
 # 1 thread, 5 rounds): tiny batch 16 (N·E = 128) dense 1,736 vs grouped 1,479 tok/s, and 1,638 vs
 # 1,521 in a second run; small batch 16 (N·E = 256) dense 537 vs grouped 559. Dense's E/K-fold FLOPs
 # (M = 16 GEMMs at ~16 GFLOP/s here) pay while N·E <= 128; the grouped op's ~15 eager ops cost more.
+# An fp32 model in an engine has its experts packed (packed.py): past the gathered path, and in eager
+# decode steps of at most packed.MAX_ROWS tokens, its MoE op runs them instead (each expert on the
+# rows that chose it; tiny batch 16: the engine 1.48x with the packs, most of it from this op).
 GATHER_SHARE = 1
 DENSE_MAX_COMPILED = 128
 
@@ -237,15 +241,21 @@ def experts_auto(experts: Experts, x, topk_idx, topk_weight) -> torch.Tensor:
     grouped 460, sorted 379, gathered 600, dense 925; 4 tokens 820 / 921 / 1850 / 1309; 16 tokens
     1573 / 1704 / 8439 / 1586). Subclasses with their own expert() (fp8) always go through
     experts_grouped (which falls back to their expert())."""
-    if torch.compiler.is_compiling() and type(experts).expert is Experts.expert and not torch.is_grad_enabled():
+    plain = type(experts).expert is Experts.expert
+    compiling = torch.compiler.is_compiling()
+    if compiling and plain and not torch.is_grad_enabled():
         N, K = topk_idx.shape
         E = experts.gate_up_proj.shape[0]
         if N * K <= E * GATHER_SHARE:
             return experts_gathered(experts, x, topk_idx, topk_weight)
+        if packed.moe_fits(experts, x):
+            return packed.moe(experts, x, topk_idx, topk_weight)
         if N * E <= DENSE_MAX_COMPILED:
             return experts_dense(experts, x, topk_idx, topk_weight)
         if _grouped_mm_dtype(experts, x) is not None:
             return experts_grouped_op(experts, x, topk_idx, topk_weight)
+    if not compiling and plain and packed.moe_fits(experts, x):
+        return packed.moe(experts, x, topk_idx, topk_weight)
     return experts_grouped(experts, x, topk_idx, topk_weight)
 
 

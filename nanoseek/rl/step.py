@@ -161,7 +161,7 @@ def grpo_stage(cfg: TrainConfig, gcfg: GRPOConfig, policy, optimizer, llm, ref, 
         for _ in range(gcfg.mu):        # the last update's statistics are logged (with μ > 1, ρ ≠ 1 there)
             sums = update(policy, optimizer, ids, mask, adv, old, ref_lp, loss_fn, clip, cfg, dist, micro, num_seqs,
                           num_tokens)
-        llm.clear_prefix_cache()                                  # its KV came from the old weights
+        llm.update_weights()                                      # its prefix KV and packs came from the old weights
         train_s = time.perf_counter() - t0
         return record(roll, sums, gen_tokens, gen_s / dist.world, train_s, dist), gcfg.prompts_per_step
 

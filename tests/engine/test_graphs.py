@@ -202,3 +202,43 @@ def test_bf16_decode_on_the_gemv_kernel_equals_f_linear(monkeypatch):
         for a, b in zip(got[1], ref[1]):
             for x, y in zip(a, b):
                 assert x == pytest.approx(y, abs=0.05)
+
+
+def test_fp32_decode_on_packed_weights_equals_mkl(monkeypatch):
+    """An fp32 model's engine packs its large weights (model/packed.py; every weight here, the
+    threshold lowered): eager and compiled engines on the packs (linears and the MoE op) against an
+    engine on a copy without packs (MKL): same greedy tokens, close logprobs; and after
+    update_weights the packs follow the new weights."""
+    import copy
+
+    from nanoseek.model import gemv, packed
+    if not gemv.load():
+        pytest.skip(f"gemv kernel unavailable: {gemv.reason()}")
+    monkeypatch.setattr(packed, "MIN_WEIGHT", 1)
+    model = _model(_v3())
+    plain = copy.deepcopy(model)
+    prompts = _prompts([3, 17, 9, 5, 11, 2])
+    calls = {"linear": 0, "moe": 0}
+    real_run, real_moe = packed._run, packed._moe
+    monkeypatch.setattr(packed, "_run", lambda *a: calls.__setitem__("linear", calls["linear"] + 1) or real_run(*a))
+    monkeypatch.setattr(packed, "_moe", lambda *a: calls.__setitem__("moe", calls["moe"] + 1) or real_moe(*a))
+    eager = LLM(model, block_size=8, num_blocks=64)
+    assert eager.packed_bytes > 0 and model.lm_head.packed_weight is not None
+    compiled = LLM(model, block_size=8, num_blocks=64, compile=True, compile_sizes=(1, 8))
+    ref = LLM(plain, block_size=8, num_blocks=64, pack_weights=False)
+    assert ref.packed_bytes == 0
+    want = _run(ref, prompts)
+    for llm in (eager, compiled):
+        calls.update(linear=0, moe=0)
+        got = _run(llm, prompts)
+        assert calls["linear"] > 0 and calls["moe"] > 0        # 6 rows x top-2 > 8 experts: the MoE op
+        assert got[0] == want[0]
+        for a, b in zip(got[1], want[1]):
+            for x, y in zip(a, b):
+                assert x == pytest.approx(y, abs=1e-3)
+    new = _model(_v3(), seed=1).state_dict()
+    for llm in (eager, compiled, ref):
+        llm.update_weights(new)
+    want = _run(ref, prompts)
+    for llm in (eager, compiled):
+        assert _run(llm, prompts)[0] == want[0]

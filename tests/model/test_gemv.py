@@ -121,6 +121,7 @@ def test_bad_build_is_reported_not_used(monkeypatch, tmp_path):
     """A kernel that cannot be built leaves F.linear in place and says why."""
     monkeypatch.setattr(gemv, "_loaded", False)
     monkeypatch.setattr(gemv, "_lib", None)
+    monkeypatch.setattr(gemv, "_cdll", None)
     monkeypatch.setattr(gemv, "_reason", None)
     monkeypatch.setenv("NANOSEEK_CACHE_DIR", str(tmp_path))
     bad = tmp_path / "bad.c"

@@ -1,0 +1,215 @@
+"""fp32 decode steps on weights packed once for a few-row GEMM (gemv.c's nanoseek_gemm_packed and
+nanoseek_moe_packed): what an fp32 model's engine runs its large linears and its MoE experts on.
+
+    from nanoseek.model import gemv, packed
+    gemv.load()                         # builds the kernel library (gemv.c) once
+    packed.attach(model)                # packs every large fp32 Linear and the stacked experts
+    y = packed.linear(x, m.weight, m.packed_weight, m.bias)   # F.linear(x, m.weight, m.bias)
+    y = packed.moe(experts, x, topk_idx, topk_weight)         # moe.experts_looped(...)
+
+Why. A decode step of an fp32 model multiplies 1-32 rows by each weight, and MKL's sgemm packs the
+weight into its own panel layout on every call. On this machine (2-core Zen 3, AVX2, 1 thread) the
+tiny model's batch-16 step spent half its time in MKL GEMMs at ~20-40 GFLOP/s; the largest, the
+dense experts' 256 -> 2048 gate/up at 16 rows, took ~780 µs for 17 MFLOP. Packing each weight once
+(per weight load) into panels of 16 output columns and running a register-blocked 6x16 kernel over
+them, one process, interleaved, µs per product, 16 weight copies cycled, 1 thread, MKL / packed
+(2026-11-30; `nanoseek bench gemv --dtype float32 --packed` times the same loop):
+
+    weight (out x in)   1 row      2 rows     8 rows     16 rows    32 rows
+    2048 x 256          380/214    538/192    787/340    945/468    1430/740
+    512 x 256           94/40      160/32     202/96     218/82     267/167
+    1024 x 320          226/155    357/160    450/185    515/248    688/437
+    768 x 320           194/107    306/103    311/129    360/164    454/297
+    256 x 1024          114/118    184/121    234/151    303/194    407/335
+    128 x 256           21/15      19/14      28/22      34/32      54/50
+
+The kernel reads a panel (K x 16 values) from memory once and uses it for every 6-row chunk of x from
+L1, so 2 rows cost about what 1 row costs (MKL: up to 3x). Small weights gain little, and a custom
+op's call costs ~20-30 µs inside a compiled graph, so only weights of at least MIN_WEIGHT values are
+packed. The MoE op runs each expert on the rows that chose it: at 16 tokens, top-2 of 8 experts,
+a quarter of the FLOPs of experts_dense (every expert on every row), each expert's weights read once.
+
+In the engine (tiny, batch 16, 64 greedy tokens, 1 thread, `LLM(pack_weights=False)` vs True in one
+process, interleaved, 10 rounds): packed linears alone 1.24-1.27x, with the MoE op 1.48x
+(1,552 -> 2,219 tok/s); the same tokens.
+
+Where the packs live and why they cannot go stale. `attach` registers each pack as a non-persistent
+buffer beside its weight (`Linear.packed_weight`, `Experts.packed_gate_up` / `packed_down`): compiled
+decode graphs take them as inputs like the weights, and checkpoints never see them. Every product
+first compares the weight's data pointer and version counter (bumped by every in-place write: an
+optimizer step, `load_state_dict`, LLM.update_weights) with those it was packed from, and packs again
+when they differ, so a policy trained in place between generations is never served stale weights.
+This check runs inside the op, at run time, also in compiled graphs. Two writes leave the version
+alone: through `.data`, and torch's fused AdamW; LLM.update_weights() (what a trainer calls after its
+step anyway, since the prefix cache holds KV of the old weights) has every pack made again (`forget`).
+
+A pack holds its weight viewed as [N, K]: a Linear's [out, in]; Experts.gate_up_proj [E, 2I, H] as
+[E·2I, H] and down_proj [E, H, I] as [E·H, I], so each expert owns whole panels (2I and H must be
+multiples of PANEL, or the experts stay unpacked).
+
+Memory: the packs are a second copy of those weights (tiny: 15 MB); attach packs nothing past
+MAX_BYTES. bf16 models take gemv.py's kernel instead (memory-bound at decode sizes; no copy).
+
+Reference: F.linear in float64 and moe.experts_looped (tests/model/test_packed.py); engines on the
+packs against engines without them (tests/engine/test_graphs.py).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nanoseek.model import gemv
+
+PANEL = 16              # output columns per panel (gemv.c's PANEL)
+MAX_ROWS = 32           # rows of x the kernel takes (the largest decode capture size); more go to F.linear
+MIN_WEIGHT = 1 << 16    # smaller weights stay on MKL (table above: 128 x 256 gains ~1 µs)
+MAX_BYTES = 1 << 30     # packs are a second copy of the weights: attach stops at this many bytes
+
+_packed_from: dict[int, tuple[int, int]] = {}   # pack's data_ptr -> (weight's data_ptr, weight's _version)
+
+
+def shape(src: torch.Tensor) -> tuple[int, int]:
+    """(N, K) of the matrix a pack of src multiplies by: src viewed as [-1, K]."""
+    return src.numel() // src.shape[-1], src.shape[-1]
+
+
+def _fill(src: torch.Tensor, out: torch.Tensor) -> None:
+    w = src.detach().reshape(-1, src.shape[-1]).contiguous()
+    N, K = w.shape
+    gemv.lib().nanoseek_pack16(w.data_ptr(), w.stride(0), out.data_ptr(), N, K)
+    _packed_from[out.data_ptr()] = (src.data_ptr(), src._version)
+
+
+def pack(src: torch.Tensor) -> torch.Tensor:
+    """A new pack of src (fp32, CPU, viewed as [N, K]): [ceil(N / PANEL) · PANEL · K] values."""
+    N, K = shape(src)
+    out = torch.empty(-(-N // PANEL) * PANEL * K, dtype=torch.float32)
+    _fill(src, out)
+    return out
+
+
+def fresh(src: torch.Tensor, p: torch.Tensor) -> None:
+    """Packs src into p again if src changed since p was made from it."""
+    if _packed_from.get(p.data_ptr()) != (src.data_ptr(), src._version):
+        _fill(src, p)
+
+
+def forget(model: nn.Module) -> None:
+    """Every pack of model is packed again at its next use (LLM.update_weights() calls this: weights
+    written without a version bump, through `.data` or a fused optimizer, are caught there too)."""
+    for b in model.buffers():
+        _packed_from.pop(b.data_ptr(), None)
+
+
+def _run(x: torch.Tensor, src: torch.Tensor, p: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    fresh(src, p)
+    if x.stride(-1) != 1 or x.stride(0) < x.shape[1]:
+        x = x.contiguous()
+    if bias is not None and bias.stride(0) != 1:
+        bias = bias.contiguous()
+    M, K = x.shape
+    N = shape(src)[0]
+    y = torch.empty(M, N, dtype=torch.float32)
+    gemv.lib().nanoseek_gemm_packed(x.data_ptr(), x.stride(0), p.data_ptr(), None if bias is None else bias.data_ptr(),
+                                    y.data_ptr(), N, M, N, K, torch.get_num_threads())
+    return y
+
+
+@torch.library.custom_op("nanoseek::gemm_packed", mutates_args=())
+def _gemm_packed_op(x: torch.Tensor, src: torch.Tensor, p: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return _run(x, src, p, bias)
+
+
+@_gemm_packed_op.register_fake
+def _(x, src, p, bias):
+    return x.new_empty(x.shape[0], shape(src)[0])
+
+
+def fits(x: torch.Tensor, src: torch.Tensor, p: torch.Tensor | None) -> bool:
+    """Whether `linear` runs on the pack: there is one, fp32 on CPU, at most MAX_ROWS rows, no autograd."""
+    if p is None or p.dtype != torch.float32 or x.dtype != torch.float32 or src.dtype != torch.float32:
+        return False
+    if x.device.type != "cpu" or x.numel() == 0 or x.numel() // x.shape[-1] > MAX_ROWS:
+        return False
+    return not (torch.is_grad_enabled() and (x.requires_grad or src.requires_grad))
+
+
+def linear(x: torch.Tensor, src: torch.Tensor, p: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ src.view(-1, K)ᵀ (+ bias) on the pack p (once `fits` said yes). Eager calls go
+    straight to the kernel; traced ones through the custom op (one opaque call in the graph)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    y = (_gemm_packed_op if torch.compiler.is_compiling() else _run)(x2, src, p, bias)
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+# ------------------------------------------------------------------ MoE experts
+def _moe(x, topk_idx, topk_weight, gate_up_proj, down_proj, p_gate_up, p_down) -> torch.Tensor:
+    fresh(gate_up_proj, p_gate_up)
+    fresh(down_proj, p_down)
+    x = x.contiguous()
+    idx = topk_idx.contiguous().to(torch.int64)
+    w = topk_weight.contiguous().to(torch.float32)
+    (N, H), (E, I) = x.shape, (down_proj.shape[0], down_proj.shape[2])
+    y = torch.empty(N, H, dtype=torch.float32)
+    rc = gemv.lib().nanoseek_moe_packed(x.data_ptr(), N, H, idx.data_ptr(), w.data_ptr(), idx.shape[1],
+                                        p_gate_up.data_ptr(), p_down.data_ptr(), E, I, y.data_ptr(),
+                                        torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"moe_packed failed: an expert index outside 0..{E - 1}, or out of memory")
+    return y
+
+
+@torch.library.custom_op("nanoseek::moe_packed", mutates_args=())
+def _moe_op(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, gate_up_proj: torch.Tensor,
+            down_proj: torch.Tensor, p_gate_up: torch.Tensor, p_down: torch.Tensor) -> torch.Tensor:
+    return _moe(x, topk_idx, topk_weight, gate_up_proj, down_proj, p_gate_up, p_down)
+
+
+@_moe_op.register_fake
+def _(x, topk_idx, topk_weight, gate_up_proj, down_proj, p_gate_up, p_down):
+    return torch.empty_like(x)
+
+
+def moe_fits(experts, x: torch.Tensor) -> bool:
+    """Whether `moe` runs these experts (moe.Experts: stacked gate_up_proj [E, 2I, H], down_proj
+    [E, H, I]) on their packs for x [N, H]."""
+    p = getattr(experts, "packed_down", None)
+    return p is not None and fits(x, experts.gate_up_proj, getattr(experts, "packed_gate_up", None))
+
+
+def moe(experts, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
+    """Σ_j topk_weight[n, j] · expert_{topk_idx[n, j]}(x[n]) on the packs (once moe_fits said yes);
+    each expert on the rows that chose it (gemv.c's nanoseek_moe_packed)."""
+    run = _moe_op if torch.compiler.is_compiling() else _moe
+    return run(x, topk_idx, topk_weight, experts.gate_up_proj, experts.down_proj,
+               experts.packed_gate_up, experts.packed_down)
+
+
+def _eligible(w) -> bool:
+    return (isinstance(w, torch.Tensor) and w.dtype == torch.float32 and w.device.type == "cpu"
+            and w.numel() >= MIN_WEIGHT)
+
+
+def attach(model: nn.Module, max_bytes: int = MAX_BYTES) -> int:
+    """Packs the model's large fp32 weights (plain nn.Linear, stacked experts) into buffers beside
+    them (see the module docstring); bytes packed. All or nothing: past max_bytes none is packed
+    (layers of one kind share a compiled graph, which must find the same buffers in each). Needs
+    gemv.load(); a module packed already keeps its pack."""
+    if not gemv.available():
+        return 0
+    todo = []
+    for m in model.modules():
+        if type(m) is nn.Linear and _eligible(m.weight):
+            todo.append((m, "packed_weight", m.weight))
+        elif (isinstance(getattr(m, "gate_up_proj", None), nn.Parameter) and m.gate_up_proj.dim() == 3
+              and isinstance(getattr(m, "down_proj", None), nn.Parameter) and m.down_proj.dim() == 3
+              and m.gate_up_proj.shape[1] % PANEL == 0 and m.down_proj.shape[1] % PANEL == 0
+              and _eligible(m.gate_up_proj) and _eligible(m.down_proj)):
+            todo += [(m, "packed_gate_up", m.gate_up_proj), (m, "packed_down", m.down_proj)]
+    todo = [t for t in todo if getattr(t[0], t[1], None) is None]
+    sizes = [-(-shape(src)[0] // PANEL) * PANEL * shape(src)[1] * 4 for _, _, src in todo]
+    if sum(sizes) > max_bytes:
+        return 0
+    for m, name, src in todo:
+        m.register_buffer(name, pack(src), persistent=False)
+    return sum(sizes)

@@ -1,0 +1,153 @@
+"""model/packed.py: the packed GEMM and MoE against their references (F.linear in float64, the looped
+experts), the packs following in-place weight updates, and where the model's modules take them."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.model import gemv, packed
+from nanoseek.model.fastpath import run_linear
+from nanoseek.model.moe import Experts, experts_auto, experts_looped
+
+pytestmark = pytest.mark.skipif(not gemv.load(), reason=f"gemv kernel unavailable: {gemv.reason()}")
+
+
+def close(got, want, tol=1e-5):
+    return bool(((got.double() - want).abs() <= tol * (1 + want.abs().max())).all())
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 12, 13, 16, 32])
+@pytest.mark.parametrize("n,k", [(1, 3), (37, 29), (16, 64), (300, 130)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_matches_f_linear(rows, n, k, bias):
+    """Every 6-row chunk remainder, panel tails (N % 16), odd K, bias."""
+    g = torch.Generator().manual_seed(rows * 1000 + n + k)
+    x, w = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g)
+    b = torch.randn(n, generator=g) if bias else None
+    p = packed.pack(w)
+    assert p.numel() == -(-n // 16) * 16 * k
+    got = packed.linear(x, w, p, b)
+    assert got.shape == (rows, n) and close(got, F.linear(x.double(), w.double(), None if b is None else b.double()))
+
+
+def test_strided_x_leading_dims_and_threads():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(70, 48, generator=g)
+    p = packed.pack(w)
+    x = torch.randn(3, 4, 60, generator=g)[..., 5:53]        # rows strided, leading dims
+    want = F.linear(x.double(), w.double())
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            outs.append(packed.linear(x, w, p))
+    finally:
+        torch.set_num_threads(threads)
+    assert outs[0].shape == (3, 4, 70) and close(outs[0], want)
+    assert torch.equal(outs[0], outs[1])                      # panels split among threads: same sums
+
+
+def test_a_pack_follows_in_place_updates_of_its_weight():
+    """An optimizer step, load_state_dict or LLM.update_weights writes the weight in place: the next
+    product packs it again (its version counter moved), eager and compiled alike."""
+    lin = nn.Linear(64, 1024)
+    assert packed.attach(lin) > 0 and lin.packed_weight is not None
+    assert "packed_weight" not in lin.state_dict()            # not persistent: checkpoints never see it
+    x = torch.randn(4, 64)
+    step = torch.compile(run_linear, dynamic=False)
+    with torch.no_grad():
+        for f in (run_linear, step):
+            assert close(f(lin, x), F.linear(x.double(), lin.weight.double(), lin.bias.double()))
+        lin.weight.mul_(-2)                                    # in place: same tensor, new version
+        lin.load_state_dict({"weight": torch.randn(1024, 64), "bias": lin.bias})
+        for f in (run_linear, step):
+            assert close(f(lin, x), F.linear(x.double(), lin.weight.double(), lin.bias.double()))
+
+
+def test_forget_catches_writes_that_leave_the_version_alone():
+    """`.data` writes (and torch's fused AdamW) do not bump the version: the pack stays as it was
+    until forget() (LLM.update_weights() calls it)."""
+    lin = nn.Linear(64, 1024)
+    packed.attach(lin)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        before = run_linear(lin, x)
+        lin.weight.data.mul_(-1)
+        assert torch.equal(run_linear(lin, x), before)                 # the stale pack: why forget exists
+        packed.forget(lin)
+        assert close(run_linear(lin, x), F.linear(x.double(), lin.weight.double(), lin.bias.double()))
+
+
+def test_what_stays_off_the_packs():
+    lin = nn.Linear(64, 1024)
+    packed.attach(lin)
+    small = nn.Linear(64, 64)
+    assert packed.attach(small) == 0 and getattr(small, "packed_weight", None) is None   # < MIN_WEIGHT
+    x = torch.randn(4, 64, requires_grad=True)
+    assert not packed.fits(x, lin.weight, lin.packed_weight)                       # autograd: F.linear
+    run_linear(lin, x).sum().backward()
+    assert x.grad is not None and lin.weight.grad is not None
+    with torch.no_grad():
+        assert not packed.fits(torch.randn(packed.MAX_ROWS + 1, 64), lin.weight, lin.packed_weight)
+        assert not packed.fits(torch.randn(4, 64).bfloat16(), lin.weight, lin.packed_weight)
+        assert packed.fits(torch.randn(packed.MAX_ROWS, 64), lin.weight, lin.packed_weight)
+    assert packed.attach(nn.Linear(64, 1024), max_bytes=1000) == 0                  # all or nothing
+
+
+@pytest.mark.parametrize("E,H,I,K", [(8, 256, 128, 2), (16, 320, 96, 4), (4, 32, 8, 1)])
+@pytest.mark.parametrize("N", [1, 2, 5, 16, 32])
+def test_moe_matches_looped_experts(E, H, I, K, N):
+    g = torch.Generator().manual_seed(E * 100 + N)
+    ex = Experts(E, H, I)
+    with torch.no_grad():
+        ex.gate_up_proj.copy_(torch.randn(E, 2 * I, H, generator=g) * 0.05)
+        ex.down_proj.copy_(torch.randn(E, H, I, generator=g) * 0.05)
+    ex.register_buffer("packed_gate_up", packed.pack(ex.gate_up_proj), persistent=False)
+    ex.register_buffer("packed_down", packed.pack(ex.down_proj), persistent=False)
+    x = torch.randn(N, H, generator=g)
+    idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(N)])
+    w = torch.rand(N, K, generator=g)
+    with torch.no_grad():
+        want = experts_looped(ex, x, idx, w)
+        assert packed.moe_fits(ex, x)
+        got = packed.moe(ex, x, idx, w)
+        assert close(got, want.double(), 1e-5)
+        assert close(experts_auto(ex, x, idx, w), want.double(), 1e-5)        # eager decode takes the packs
+        ex.down_proj.mul_(0.5)                                                  # in place: packed again
+        assert close(packed.moe(ex, x, idx, w), experts_looped(ex, x, idx, w).double(), 1e-5)
+
+
+def test_moe_refuses_a_bad_expert_index():
+    ex = Experts(4, 32, 8)
+    ex.register_buffer("packed_gate_up", packed.pack(ex.gate_up_proj.detach().normal_()), persistent=False)
+    ex.register_buffer("packed_down", packed.pack(ex.down_proj.detach().normal_()), persistent=False)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="expert index"):
+        packed.moe(ex, torch.randn(2, 32), torch.tensor([[0], [4]]), torch.ones(2, 1))
+
+
+def test_moe_inside_torch_compile():
+    torch.manual_seed(0)
+    ex = Experts(8, 64, 16)
+    nn.init.normal_(ex.gate_up_proj, std=0.1)
+    nn.init.normal_(ex.down_proj, std=0.1)
+    ex.register_buffer("packed_gate_up", packed.pack(ex.gate_up_proj), persistent=False)
+    ex.register_buffer("packed_down", packed.pack(ex.down_proj), persistent=False)
+    x = torch.randn(16, 64)
+    idx = torch.stack([torch.randperm(8)[:2] for _ in range(16)])
+    w = torch.rand(16, 2)
+    f = torch.compile(experts_auto, dynamic=False, fullgraph=True)   # 16 x 2 > 8: past the gathered path
+    with torch.no_grad():
+        assert close(f(ex, x, idx, w), experts_looped(ex, x, idx, w).double(), 1e-5)
+
+
+def test_bench_gemv_packed_micro(capsys):
+    import json
+
+    from nanoseek.cli import main
+    assert main(["bench", "gemv", "--json", "--dtype", "float32", "--packed", "--shapes", "512x256",
+                 "--rows", "1,16", "--seconds", "0.01", "--ring-mb", "1"]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert all(r["figures"][f"512x256_rows{m}_max_rel_err_packed"] < 1e-5 for m in (1, 16))
+    assert r["ratios"]["512x256_rows16_packed_vs_f_linear"] > 0
+    assert main(["bench", "gemv", "--packed"]) == 2                  # bf16 weights are not packed
