@@ -200,7 +200,7 @@ def mtp_layer(module, embed, rotary, hidden, ids, table, meta, pool, Q: int, bs:
     """The MTP module (model/mtp.py) over the paged cache: eh_proj of the normed embedding and hidden,
     its block (MLA + MoE, cache layer N), its norm. hidden [C·Q, D], ids [C·Q] -> [C·Q, D]."""
     cos, sin, new_slots, slots, mask = grid(rotary, table, meta, Q, bs, scratch, True)
-    x = module.eh_proj(torch.cat([module.enorm(embed(ids)), module.hnorm(hidden)], dim=-1))
+    x = run_linear(module.eh_proj, torch.cat([module.enorm(embed(ids)), module.hnorm(hidden)], dim=-1))
     q, entries = mla_pre(module.block, x, cos, sin)
     out = post_moe(module.block, x, mla_attention(module.block, pool, q, entries, new_slots, slots, mask))
     return module.norm(out)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanoseek.model.fastpath import run_linear
 from nanoseek.model.norm import RMSNorm
 
 
@@ -37,7 +38,7 @@ class MTPModule(nn.Module):
     def forward(self, hidden, next_emb, cos, sin, cache=None, batch=None, stats=None, segments=None):
         """hidden [B, T, D] (depth k−1, normed), next_emb [B, T, D] = Emb(t_{i+k}) -> normed h^k [B, T, D].
         `segments` (packed training rows) are those of the tokens t_{i+k}, like cos and sin."""
-        h = self.eh_proj(torch.cat([self.enorm(next_emb), self.hnorm(hidden)], dim=-1))
+        h = run_linear(self.eh_proj, torch.cat([self.enorm(next_emb), self.hnorm(hidden)], dim=-1))
         return self.norm(self.block(h, cos, sin, cache, batch, stats, segments))
 
 
