@@ -242,20 +242,17 @@ def experts_auto(experts: Experts, x, topk_idx, topk_weight) -> torch.Tensor:
     1573 / 1704 / 8439 / 1586). Subclasses with their own expert() (fp8) always go through
     experts_grouped (which falls back to their expert())."""
     plain = type(experts).expert is Experts.expert
-    compiling = torch.compiler.is_compiling()
-    if compiling and plain and not torch.is_grad_enabled():
-        N, K = topk_idx.shape
-        E = experts.gate_up_proj.shape[0]
-        if N * K <= E * GATHER_SHARE:
-            return experts_gathered(experts, x, topk_idx, topk_weight)
-        if packed.moe_fits(experts, x):
-            return packed.moe(experts, x, topk_idx, topk_weight)
-        if N * E <= DENSE_MAX_COMPILED:
-            return experts_dense(experts, x, topk_idx, topk_weight)
-        if _grouped_mm_dtype(experts, x) is not None:
-            return experts_grouped_op(experts, x, topk_idx, topk_weight)
-    if not compiling and plain and packed.moe_fits(experts, x):
+    compiled = plain and torch.compiler.is_compiling() and not torch.is_grad_enabled()
+    N, K = topk_idx.shape
+    E = experts.gate_up_proj.shape[0] if compiled else 0      # (fp8's subclass stores its weights apart)
+    if compiled and N * K <= E * GATHER_SHARE:
+        return experts_gathered(experts, x, topk_idx, topk_weight)
+    if plain and packed.moe_fits(experts, x):               # compiled past the gathered path, or eager
         return packed.moe(experts, x, topk_idx, topk_weight)
+    if compiled and N * E <= DENSE_MAX_COMPILED:
+        return experts_dense(experts, x, topk_idx, topk_weight)
+    if compiled and _grouped_mm_dtype(experts, x) is not None:
+        return experts_grouped_op(experts, x, topk_idx, topk_weight)
     return experts_grouped(experts, x, topk_idx, topk_weight)
 
 

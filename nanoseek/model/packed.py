@@ -73,6 +73,12 @@ def shape(src: torch.Tensor) -> tuple[int, int]:
     return src.numel() // src.shape[-1], src.shape[-1]
 
 
+def _numel(src: torch.Tensor) -> int:
+    """Values in a pack of src: whole panels of PANEL rows of the [N, K] view."""
+    N, K = shape(src)
+    return -(-N // PANEL) * PANEL * K
+
+
 def _fill(src: torch.Tensor, out: torch.Tensor) -> None:
     w = src.detach().reshape(-1, src.shape[-1]).contiguous()
     N, K = w.shape
@@ -82,8 +88,7 @@ def _fill(src: torch.Tensor, out: torch.Tensor) -> None:
 
 def pack(src: torch.Tensor) -> torch.Tensor:
     """A new pack of src (fp32, CPU, viewed as [N, K]): [ceil(N / PANEL) · PANEL · K] values."""
-    N, K = shape(src)
-    out = torch.empty(-(-N // PANEL) * PANEL * K, dtype=torch.float32)
+    out = torch.empty(_numel(src), dtype=torch.float32)
     _fill(src, out)
     return out
 
@@ -207,7 +212,7 @@ def attach(model: nn.Module, max_bytes: int = MAX_BYTES) -> int:
               and _eligible(m.gate_up_proj) and _eligible(m.down_proj)):
             todo += [(m, "packed_gate_up", m.gate_up_proj), (m, "packed_down", m.down_proj)]
     todo = [t for t in todo if getattr(t[0], t[1], None) is None]
-    sizes = [-(-shape(src)[0] // PANEL) * PANEL * shape(src)[1] * 4 for _, _, src in todo]
+    sizes = [_numel(src) * 4 for _, _, src in todo]
     if sum(sizes) > max_bytes:
         return 0
     for m, name, src in todo:
