@@ -54,6 +54,7 @@ TORCHINDUCTOR_CACHE_DIR or /tmp/torchinductor_$USER) make a second start mostly 
 from __future__ import annotations
 
 import collections
+import itertools
 import time
 import types
 
@@ -61,6 +62,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek.engine.dispatch import Direct
+from nanoseek.model import packed
 from nanoseek.model.fastpath import run_linear
 from nanoseek.model.mla import MLA
 from nanoseek.model.moe import MoE
@@ -185,14 +187,16 @@ def grid(rotary, table, meta, Q: int, bs: int, scratch: int, skip_first: bool):
     start, qlen = meta[:, 0], meta[:, 1]
     pos = start[:, None] + j                                                         # [C, Q]
     valid = j < qlen[:, None]
-    # an invalid row (a sequence feeding fewer than Q tokens) sees its sequence's first row's
-    # context and writes its entry into the scratch block; its output is dropped
+    # an invalid row (a sequence feeding fewer than Q tokens) is a copy of its sequence's first row:
+    # its token (and hidden, in the MTP pass; DecodeGraphs fills them in), rope position and context,
+    # so that its MoE routes as that row does and reads no experts of its own. It writes its entry
+    # into the scratch block; its output is dropped
     seen = torch.where(valid, pos, start[:, None])
     mask = ar[:L] <= seen[:, :, None]                                                # [C, Q, L]
     if skip_first:
         mask = mask & (ar[:L] > 0)
     new_slots = torch.where(valid, slots.gather(1, pos.clamp(max=L - 1)), scratch * bs + j).view(-1)
-    cos, sin = rotary(pos.view(1, -1))
+    cos, sin = rotary(seen.reshape(1, -1))
     return cos, sin, new_slots, slots, mask
 
 
@@ -262,18 +266,21 @@ class DecodeGraphs:
     context length a dynamic dimension), and optionally the MTP module's pass."""
 
     def __init__(self, model, cache, scratch_block: int, sizes=DEFAULT_SIZES, compile: bool = True, log=None,
-                 queries=(1,), mtp_queries: int = 0, cpp_wrapper: bool | None = None):
+                 queries=(1,), mtp_queries: int | tuple[int, ...] = 0, cpp_wrapper: bool | None = None):
         """cache: the engine's KVMemory; scratch_block: a block of it that no sequence owns.
         queries: the query rows per sequence warmed up (1: decode; 1 + k: verifying k drafts);
-        mtp_queries: > 0 also compiles the MTP module's pass (speculative.py) at that many rows.
+        mtp_queries: > 0 (or several) also compiles the MTP module's pass (speculative.py) at that many
+        rows per sequence; a pass runs at the smallest that fits (a catch-up after a rejection, a
+        recurrent draft: 1 row, not 1 + k with pad rows that route to experts of their own).
         cpp_wrapper: inductor's C++ wrapper instead of its Python one (None: for models of at most
         CPP_WRAPPER_MAX_BYTES of weights, see there)."""
         self.model, self.cache, self.scratch_block = model, cache, scratch_block
         self.sizes = tuple(sorted(set(int(s) for s in sizes)))
         self.queries = tuple(sorted(set(queries)))
-        self.mtp_queries = mtp_queries
-        if max(max(self.queries), mtp_queries + 1) > cache.block_size:
-            raise ValueError(f"{max(self.queries + (mtp_queries,))} query rows per sequence need a block size above "
+        self.mtp_sizes = tuple(sorted(({mtp_queries} if isinstance(mtp_queries, int) else set(mtp_queries)) - {0}))
+        self.mtp_queries = max(self.mtp_sizes, default=0)
+        if max(max(self.queries), self.mtp_queries + 1) > cache.block_size:
+            raise ValueError(f"{max(self.queries + (self.mtp_queries,))} query rows per sequence need a block size above "
                              f"{cache.block_size} (pad rows live in one scratch block)")
         self.log, self.compiled = log, compile
         self.compile_seconds: float | None = None
@@ -298,7 +305,7 @@ class DecodeGraphs:
         param = next(model.parameters())
         key = (repr(model.config), param.dtype, param.device.type,
                tuple(sorted({type(m).__qualname__ for m in model.modules()})), self.cpp_wrapper,
-               tuple(sorted({n.rsplit(".", 1)[-1] for n, _ in model.named_buffers()})))  # packed.py's packs
+               tuple(sorted(n for n, _ in model.named_buffers())))  # which modules have packs (packed.py)
 
         def wrap(f, k=key):
             if not compile:
@@ -318,7 +325,7 @@ class DecodeGraphs:
                 fns[kinds] = wrap(first_layers if i == 0 else next_layers, (key, kinds))
             self.runs.append((fns[kinds], blocks, model.norm if last else None,
                               tuple(b.self_attn.layer_idx for b in blocks)))
-        self.mtp = wrap(mtp_layer) if mtp_queries else None
+        self.mtp = wrap(mtp_layer) if self.mtp_queries else None
 
     @property
     def max_size(self) -> int:
@@ -354,6 +361,8 @@ class DecodeGraphs:
             flat = [0] * (C * Q)
             for k, t in zip(keep, ids):
                 flat[k] = t
+            for i, q in enumerate(qlens):         # a pad row repeats its sequence's first row (see `grid`)
+                flat[i * Q + q: (i + 1) * Q] = [flat[i * Q]] * (Q - q)
         if self.compiled:
             torch._dynamo.maybe_mark_dynamic(table, 1)
         return torch.tensor(flat, dtype=torch.long, device=dev), table, meta, keep
@@ -368,6 +377,8 @@ class DecodeGraphs:
                              f"({self.max_size} sequences, {queries} tokens)")
         ids_t, table, meta, keep = self._inputs(ids, tables, starts, qlens, queries)
         self.calls[f"q{queries}"] += 1
+        if self.compiled:
+            packed.refresh(self.model)          # native.py's ops in the graphs do not check
         model, pool, sig = self.model, self.cache.pool, (ids_t.shape[0], queries)
         (fn, blocks, norm, idx), rest = self.runs[0], self.runs[1:]
         x, g = fn(sig, blocks, norm, model.embed_tokens, model.rotary, ids_t, table, meta,
@@ -382,12 +393,17 @@ class DecodeGraphs:
     def mtp_forward(self, hidden: torch.Tensor, ids: list[int], tables, starts, qlens) -> torch.Tensor:
         """The MTP module's pass (speculative.py's _run) on the same grid: hidden [Σ qlens, D] of the
         main model at positions starts[i]-1…, ids the tokens at starts[i]…; -> [Σ qlens, D]."""
-        Q = self.mtp_queries
+        Q = next(q for q in self.mtp_sizes if q >= max(qlens))
         ids_t, table, meta, keep = self._inputs(ids, tables, starts, qlens, Q, skip_first=True)
         self.calls["mtp"] += 1
-        if keep is not None:
+        if self.compiled:
+            packed.refresh(self.model.mtp[0])
+        if keep is not None:                     # pad rows: their sequence's first row (pad sequences: row 0)
             keep_t = torch.tensor(keep, device=hidden.device)
-            hidden = hidden.new_zeros(ids_t.shape[0], hidden.shape[-1]).index_copy_(0, keep_t, hidden)
+            firsts = list(itertools.accumulate([0] + qlens[:-1]))
+            src = [firsts[i] + (r if r < q else 0) for i, q in enumerate(qlens) for r in range(Q)]
+            src += [0] * (ids_t.shape[0] - len(src))
+            hidden = hidden[torch.tensor(src, device=hidden.device)]
         model = self.model
         module = model.mtp[0]
         out = self.mtp((ids_t.shape[0], Q), module, model.embed_tokens, model.rotary, hidden, ids_t, table, meta,
@@ -403,8 +419,7 @@ class DecodeGraphs:
         for size in self.sizes:
             for Q in self.queries:
                 self.forward([0] * size * Q, [[self.scratch_block]] * size, [0] * size, [Q] * size, Q)
-            if self.mtp is not None:
-                Q = self.mtp_queries
+            for Q in self.mtp_sizes:
                 D = self.model.config.hidden_size
                 self.mtp_forward(torch.zeros(size * Q, D, dtype=next(self.model.parameters()).dtype,
                                              device=self.cache.pool[0].device),
@@ -413,7 +428,7 @@ class DecodeGraphs:
         self.calls.clear()
         if self.log:
             q = "" if self.queries == (1,) else f" x {'/'.join(map(str, self.queries))} tokens"
-            m = f", the MTP pass at {self.mtp_queries} tokens" if self.mtp is not None else ""
+            m = f", the MTP pass at {'/'.join(map(str, self.mtp_sizes))} tokens" if self.mtp is not None else ""
             w = " (C++ wrapper)" if self.cpp_wrapper else ""
             self.log(f"compiled decode steps{w} at batch sizes {', '.join(map(str, self.sizes))}{q}{m} in "
                      f"{self.compile_seconds:.1f} s")

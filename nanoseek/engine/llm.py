@@ -118,7 +118,7 @@ class LLM:
                 min(max_num_seqs, DEFAULT_SIZES[-1]),)
             queries = (1, 1 + speculative_tokens) if spec else (1,)
             graphs = DecodeGraphs(model, self.cache, num_blocks, sizes, log=log, queries=queries,
-                                  mtp_queries=1 + speculative_tokens if spec else 0)
+                                  mtp_queries=(1, 1 + speculative_tokens) if spec else 0)
             self.compile_seconds = graphs.warm_up()
         self.runner = ModelRunner(model, self.cache, graphs)
         self.drafter = MTPDrafter(model, self.cache, speculative_tokens, graphs) if spec else None

@@ -98,24 +98,33 @@ def _compiler() -> str | None:
     return None
 
 
-def _build() -> Path:
-    cc = _compiler()
-    if cc is None:
-        raise RuntimeError("no C compiler (gcc or $CC) found")
-    src = SOURCE.read_bytes()
-    digest = hashlib.sha256(src + " ".join((cc,) + FLAGS).encode()).hexdigest()[:16]
+def build(name: str, sources: tuple[Path, ...], commands) -> Path:
+    """A shared library built once per machine into the cache directory ($NANOSEEK_CACHE_DIR, else
+    ~/.cache/nanoseek/kernels), its file name carrying a hash of the sources and the commands.
+    commands(out, tmp) -> the argument lists to run, the last of which writes `out`."""
+    probe = [" ".join(c) for c in commands(Path("OUT"), Path("TMP"))]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources) + "\n".join(probe).encode()).hexdigest()[:16]
     root = Path(os.environ.get("NANOSEEK_CACHE_DIR") or Path.home() / ".cache" / "nanoseek") / "kernels"
-    out = root / f"gemv-{digest}.so"
+    out = root / f"{name}-{digest}.so"
     if out.exists():
         return out
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root) as tmp:
         tmp_out = Path(tmp) / out.name
-        proc = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(tmp_out)], capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{cc} failed on {SOURCE.name}: {proc.stderr.strip()[-500:]}")
+        for cmd in commands(tmp_out, Path(tmp)):
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                names = ", ".join(p.name for p in sources)
+                raise RuntimeError(f"{cmd[0]} failed on {names}: {proc.stderr.strip()[-500:]}")
         os.replace(tmp_out, out)            # atomic: a concurrent build never loads half a file
     return out
+
+
+def _build() -> Path:
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler (gcc or $CC) found")
+    return build("gemv", (SOURCE,), lambda out, tmp: [[cc, *FLAGS, str(SOURCE), "-o", str(out)]])
 
 
 def _self_check() -> str | None:

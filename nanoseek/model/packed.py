@@ -55,14 +55,17 @@ packs against engines without them (tests/engine/test_graphs.py).
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import nn
 
-from nanoseek.model import gemv
+from nanoseek.model import gemv, native
 
 PANEL = 16              # output columns per panel (gemv.c's PANEL)
 MAX_ROWS = 32           # rows of x the kernel takes (the largest decode capture size); more go to F.linear
-MIN_WEIGHT = 1 << 16    # smaller weights stay on MKL (table above: 128 x 256 gains ~1 µs)
+MIN_WEIGHT = 1 << 16    # eager products: smaller weights stay on MKL (table above: 128 x 256 gains ~1 µs)
+MIN_WEIGHT_NATIVE = 1 << 12   # with native.py's C++ ops, compiled steps pack weights from this size
 MAX_BYTES = 1 << 30     # packs are a second copy of the weights: attach stops at this many bytes
 
 _packed_from: dict[int, tuple[int, int]] = {}   # pack's data_ptr -> (weight's data_ptr, weight's _version)
@@ -83,6 +86,8 @@ def _fill(src: torch.Tensor, out: torch.Tensor) -> None:
     w = src.detach().reshape(-1, src.shape[-1]).contiguous()
     N, K = w.shape
     gemv.lib().nanoseek_pack16(w.data_ptr(), w.stride(0), out.data_ptr(), N, K)
+    global _generation
+    _generation += 1
     _packed_from[out.data_ptr()] = (src.data_ptr(), src._version)
 
 
@@ -99,9 +104,44 @@ def fresh(src: torch.Tensor, p: torch.Tensor) -> None:
         _fill(src, p)
 
 
+class _Seen:
+    """What refresh() last saw of a module's packed weights, to tell in ~20 µs (90 weights) that
+    nothing changed: each weight's version counter and data pointer, read with C-level map()s."""
+
+    def __init__(self, module: nn.Module):
+        found = [(m, src, name) for m in module.modules() for name, src in _PACKS if name in m._buffers]
+        self.pairs = found
+        self.dicts, self.names = [m._parameters for m, _, _ in found], [src for _, src, _ in found]
+        self.state = None
+
+    def now(self) -> tuple:
+        ws = list(map(dict.__getitem__, self.dicts, self.names))
+        return _generation, list(map(_version, ws)), list(map(torch.Tensor.data_ptr, ws))
+
+
+_version = operator.attrgetter("_version")
+_generation = 0        # bumped by every pack made and by forget(): refresh() then looks at each pack
+
+
+def refresh(module: nn.Module) -> None:
+    """Packs again every pack of module whose weight changed since it was made (data pointer or
+    version counter; see `fresh`). Compiled code on native.py's ops must run after it: they do not
+    check (engine/graphs.py calls it at every step)."""
+    seen = module.__dict__.get("_nanoseek_packs")
+    if seen is None:                             # attach() drops it: the packs may have changed
+        seen = module.__dict__["_nanoseek_packs"] = _Seen(module)
+    if seen.state is not None and seen.now() == seen.state:
+        return
+    for m, src, name in seen.pairs:
+        fresh(m._parameters[src], m._buffers[name])
+    seen.state = seen.now()
+
+
 def forget(model: nn.Module) -> None:
     """Every pack of model is packed again at its next use (LLM.update_weights() calls this: weights
     written without a version bump, through `.data` or a fused optimizer, are caught there too)."""
+    global _generation
+    _generation += 1
     for b in model.buffers():
         _packed_from.pop(b.data_ptr(), None)
 
@@ -130,8 +170,8 @@ def _(x, src, p, bias):
     return x.new_empty(x.shape[0], shape(src)[0])
 
 
-def fits(x: torch.Tensor, src: torch.Tensor, p: torch.Tensor | None) -> bool:
-    """Whether `linear` runs on the pack: there is one, fp32 on CPU, at most MAX_ROWS rows, no autograd."""
+def _usable(x: torch.Tensor, src: torch.Tensor, p: torch.Tensor | None) -> bool:
+    """A pack exists, all fp32 on CPU, at most MAX_ROWS rows, no autograd."""
     if p is None or p.dtype != torch.float32 or x.dtype != torch.float32 or src.dtype != torch.float32:
         return False
     if x.device.type != "cpu" or x.numel() == 0 or x.numel() // x.shape[-1] > MAX_ROWS:
@@ -139,11 +179,24 @@ def fits(x: torch.Tensor, src: torch.Tensor, p: torch.Tensor | None) -> bool:
     return not (torch.is_grad_enabled() and (x.requires_grad or src.requires_grad))
 
 
+def fits(x: torch.Tensor, src: torch.Tensor, p: torch.Tensor | None) -> bool:
+    """Whether `linear` runs on the pack (`_usable`); in eager calls only for weights of at least
+    MIN_WEIGHT values (a small one's Python call costs more than MKL's product; compiled steps call
+    native.py's ops, ~2 µs)."""
+    return _usable(x, src, p) and (src.numel() >= MIN_WEIGHT or torch.compiler.is_compiling())
+
+
 def linear(x: torch.Tensor, src: torch.Tensor, p: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] @ src.view(-1, K)ᵀ (+ bias) on the pack p (once `fits` said yes). Eager calls go
     straight to the kernel; traced ones through the custom op (one opaque call in the graph)."""
     x2 = x.reshape(-1, x.shape[-1])
-    y = (_gemm_packed_op if torch.compiler.is_compiling() else _run)(x2, src, p, bias)
+    if not torch.compiler.is_compiling():
+        y = _run(x2, src, p, bias)
+    elif native.available():            # no staleness check inside: see refresh()
+        y = torch.ops.nanoseek_native.gemm_packed(x2.contiguous(), p, None if bias is None else bias.contiguous(),
+                                                   shape(src)[0])
+    else:
+        y = _gemm_packed_op(x2, src, p, bias)
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
@@ -179,20 +232,28 @@ def moe_fits(experts, x: torch.Tensor) -> bool:
     """Whether `moe` runs these experts (moe.Experts: stacked gate_up_proj [E, 2I, H], down_proj
     [E, H, I]) on their packs for x [N, H]."""
     p = getattr(experts, "packed_down", None)
-    return p is not None and fits(x, experts.gate_up_proj, getattr(experts, "packed_gate_up", None))
+    return p is not None and _usable(x, experts.gate_up_proj, getattr(experts, "packed_gate_up", None))
 
 
 def moe(experts, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
     """Σ_j topk_weight[n, j] · expert_{topk_idx[n, j]}(x[n]) on the packs (once moe_fits said yes);
     each expert on the rows that chose it (gemv.c's nanoseek_moe_packed)."""
+    if torch.compiler.is_compiling() and native.available():      # no staleness check inside: refresh()
+        E, _, I = experts.down_proj.shape
+        return torch.ops.nanoseek_native.moe_packed(x.contiguous(), topk_idx.contiguous().to(torch.int64),
+                                                    topk_weight.contiguous().to(torch.float32),
+                                                    experts.packed_gate_up, experts.packed_down, E, I)
     run = _moe_op if torch.compiler.is_compiling() else _moe
     return run(x, topk_idx, topk_weight, experts.gate_up_proj, experts.down_proj,
                experts.packed_gate_up, experts.packed_down)
 
 
-def _eligible(w) -> bool:
+_PACKS = (("packed_weight", "weight"), ("packed_gate_up", "gate_up_proj"), ("packed_down", "down_proj"))
+
+
+def _eligible(w, min_weight: int) -> bool:
     return (isinstance(w, torch.Tensor) and w.dtype == torch.float32 and w.device.type == "cpu"
-            and w.numel() >= MIN_WEIGHT)
+            and w.numel() >= min_weight)
 
 
 def attach(model: nn.Module, max_bytes: int = MAX_BYTES) -> int:
@@ -202,14 +263,15 @@ def attach(model: nn.Module, max_bytes: int = MAX_BYTES) -> int:
     gemv.load(); a module packed already keeps its pack."""
     if not gemv.available():
         return 0
+    least = MIN_WEIGHT_NATIVE if native.load() else MIN_WEIGHT
     todo = []
     for m in model.modules():
-        if type(m) is nn.Linear and _eligible(m.weight):
+        if type(m) is nn.Linear and _eligible(m.weight, least):
             todo.append((m, "packed_weight", m.weight))
         elif (isinstance(getattr(m, "gate_up_proj", None), nn.Parameter) and m.gate_up_proj.dim() == 3
               and isinstance(getattr(m, "down_proj", None), nn.Parameter) and m.down_proj.dim() == 3
               and m.gate_up_proj.shape[1] % PANEL == 0 and m.down_proj.shape[1] % PANEL == 0
-              and _eligible(m.gate_up_proj) and _eligible(m.down_proj)):
+              and _eligible(m.gate_up_proj, least) and _eligible(m.down_proj, least)):
             todo += [(m, "packed_gate_up", m.gate_up_proj), (m, "packed_down", m.down_proj)]
     todo = [t for t in todo if getattr(t[0], t[1], None) is None]
     sizes = [_numel(src) * 4 for _, _, src in todo]
@@ -217,4 +279,6 @@ def attach(model: nn.Module, max_bytes: int = MAX_BYTES) -> int:
         return 0
     for m, name, src in todo:
         m.register_buffer(name, pack(src), persistent=False)
+    for m in model.modules():
+        m.__dict__.pop("_nanoseek_packs", None)
     return sum(sizes)

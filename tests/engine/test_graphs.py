@@ -28,7 +28,7 @@ def _run(llm, prompts, n=1, max_tokens=12):
 def _uncompiled_graphs(llm, sizes, k=0):
     """The graphs' eager form (compile=False): the same pieces, padding and scratch block."""
     g = DecodeGraphs(llm.model, llm.cache, llm.blocks.num_blocks, sizes, compile=False,
-                     queries=(1, 1 + k) if k else (1,), mtp_queries=1 + k if k else 0)
+                     queries=(1, 1 + k) if k else (1,), mtp_queries=(1, 1 + k) if k else 0)
     llm.runner.graphs = g
     if llm.drafter is not None:
         llm.drafter.graphs = g
@@ -205,16 +205,18 @@ def test_bf16_decode_on_the_gemv_kernel_equals_f_linear(monkeypatch):
 
 
 def test_fp32_decode_on_packed_weights_equals_mkl(monkeypatch):
-    """An fp32 model's engine packs its large weights (model/packed.py; every weight here, the
-    threshold lowered): eager and compiled engines on the packs (linears and the MoE op) against an
-    engine on a copy without packs (MKL): same greedy tokens, close logprobs; and after
-    update_weights the packs follow the new weights."""
+    """An fp32 model's engine packs its weights (model/packed.py; every weight here, the thresholds
+    lowered): eager and compiled engines on the packs (linears and the MoE op; compiled: native.py's
+    C++ ops) against an engine on a copy without packs (MKL): same greedy tokens, close logprobs;
+    the compiled graphs read the packs (a corrupted one shows), and after update_weights the packs
+    follow the new weights."""
     import copy
 
-    from nanoseek.model import gemv, packed
+    from nanoseek.model import gemv, native, packed
     if not gemv.load():
         pytest.skip(f"gemv kernel unavailable: {gemv.reason()}")
     monkeypatch.setattr(packed, "MIN_WEIGHT", 1)
+    monkeypatch.setattr(packed, "MIN_WEIGHT_NATIVE", 1)
     model = _model(_v3())
     plain = copy.deepcopy(model)
     prompts = _prompts([3, 17, 9, 5, 11, 2])
@@ -228,17 +230,49 @@ def test_fp32_decode_on_packed_weights_equals_mkl(monkeypatch):
     ref = LLM(plain, block_size=8, num_blocks=64, pack_weights=False)
     assert ref.packed_bytes == 0
     want = _run(ref, prompts)
+
+    def same(got, tol=1e-3):
+        return got[0] == want[0] and all(x == pytest.approx(y, abs=tol) for a, b in zip(got[1], want[1])
+                                         for x, y in zip(a, b))
     for llm in (eager, compiled):
         calls.update(linear=0, moe=0)
-        got = _run(llm, prompts)
-        assert calls["linear"] > 0 and calls["moe"] > 0        # 6 rows x top-2 > 8 experts: the MoE op
-        assert got[0] == want[0]
-        for a, b in zip(got[1], want[1]):
-            for x, y in zip(a, b):
-                assert x == pytest.approx(y, abs=1e-3)
+        assert same(_run(llm, prompts))
+        if llm is eager or not native.available():   # the Python ops (compiled: the C++ ones instead)
+            assert calls["linear"] > 0 and calls["moe"] > 0    # 6 rows x top-2 > 8 experts: the MoE op
+    # the compiled steps read the packs: one zeroed behind refresh()'s back shows, until forget()
+    experts = model.layers[1].mlp.experts
+    with torch.no_grad():
+        for pack in (model.lm_head.packed_weight, experts.packed_gate_up):
+            pack.zero_()
+            assert not same(_run(compiled, prompts))
+            packed.forget(model)
+            assert same(_run(compiled, prompts))
     new = _model(_v3(), seed=1).state_dict()
     for llm in (eager, compiled, ref):
         llm.update_weights(new)
     want = _run(ref, prompts)
     for llm in (eager, compiled):
         assert _run(llm, prompts)[0] == want[0]
+
+
+def test_pad_rows_repeat_their_sequences_first_row():
+    """A sequence feeding fewer rows than the graph's Q: its pad rows take its first row's token,
+    hidden (MTP pass) and rope position, so their MoE routes as that row does (no experts of their
+    own to read); the valid rows' outputs are those of a graph without pads."""
+    model = _model(_v3())
+    llm = LLM(model, block_size=8, num_blocks=64, speculative_tokens=2)      # its cache has the MTP layer
+    g = DecodeGraphs(model, llm.cache, llm.blocks.num_blocks, (1, 2), compile=False, queries=(1, 3),
+                     mtp_queries=(1, 3))
+    ids, table, meta, keep = g._inputs([7, 9, 4], [[1, 2], [3]], [5, 2], [2, 1], 3)
+    assert ids.tolist() == [7, 9, 7, 4, 4, 4] and keep == [0, 1, 3]
+    cos, sin, new_slots, slots, mask = graphs.grid(model.rotary, table, meta, 3, 8, g.scratch_block, False)
+    cos = cos.view(2, 3, -1)
+    assert torch.equal(cos[0, 2], cos[0, 0]) and not torch.equal(cos[0, 1], cos[0, 0])
+    assert torch.equal(cos[1, 1], cos[1, 0]) and torch.equal(cos[1, 2], cos[1, 0])
+    assert torch.equal(mask[0, 2], mask[0, 0]) and (new_slots.view(2, 3)[0, 2] // 8).item() == g.scratch_block
+    h = torch.randn(3, model.config.hidden_size)
+    with torch.inference_mode():
+        padded = g.mtp_forward(h, [7, 9, 4], [[1, 2], [3]], [5, 2], [2, 1])      # Q = 3, with pad rows
+        alone = torch.cat([g.mtp_forward(h[:2], [7, 9], [[1, 2]], [5], [2]),   # Q = 3, one pad row
+                           g.mtp_forward(h[2:], [4], [[3]], [2], [1])])          # Q = 1, none
+    assert torch.allclose(padded, alone, atol=1e-5)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanoseek.model import gemv, packed
+from nanoseek.model import gemv, native, packed
 from nanoseek.model.fastpath import run_linear
 from nanoseek.model.moe import Experts, experts_auto, experts_looped
 
@@ -50,18 +50,26 @@ def test_strided_x_leading_dims_and_threads():
 
 def test_a_pack_follows_in_place_updates_of_its_weight():
     """An optimizer step, load_state_dict or LLM.update_weights writes the weight in place: the next
-    product packs it again (its version counter moved), eager and compiled alike."""
+    eager product packs it again (its version counter moved); compiled code on native.py's ops
+    after refresh() (what engine/graphs.py calls at every step), which packs again what changed."""
     lin = nn.Linear(64, 1024)
     assert packed.attach(lin) > 0 and lin.packed_weight is not None
     assert "packed_weight" not in lin.state_dict()            # not persistent: checkpoints never see it
     x = torch.randn(4, 64)
     step = torch.compile(run_linear, dynamic=False)
+
+    def refreshed(m, x):
+        packed.refresh(m)
+        return step(m, x)
     with torch.no_grad():
-        for f in (run_linear, step):
+        for f in (run_linear, refreshed):
             assert close(f(lin, x), F.linear(x.double(), lin.weight.double(), lin.bias.double()))
+        before = step(lin, x)
         lin.weight.mul_(-2)                                    # in place: same tensor, new version
         lin.load_state_dict({"weight": torch.randn(1024, 64), "bias": lin.bias})
-        for f in (run_linear, step):
+        if native.available():                                 # the C++ op does not check: refresh() must
+            assert torch.equal(step(lin, x), before)
+        for f in (refreshed, run_linear):
             assert close(f(lin, x), F.linear(x.double(), lin.weight.double(), lin.bias.double()))
 
 
@@ -82,8 +90,12 @@ def test_forget_catches_writes_that_leave_the_version_alone():
 def test_what_stays_off_the_packs():
     lin = nn.Linear(64, 1024)
     packed.attach(lin)
-    small = nn.Linear(64, 64)
-    assert packed.attach(small) == 0 and getattr(small, "packed_weight", None) is None   # < MIN_WEIGHT
+    tiny = nn.Linear(32, 64)
+    assert packed.attach(tiny) == 0 and getattr(tiny, "packed_weight", None) is None      # < MIN_WEIGHT_NATIVE
+    small = nn.Linear(64, 256)                  # packed for compiled steps (native ops), eager stays on MKL
+    assert (packed.attach(small) > 0) == native.available()
+    if native.available():
+        assert not packed.fits(torch.randn(2, 64), small.weight, small.packed_weight)
     x = torch.randn(4, 64, requires_grad=True)
     assert not packed.fits(x, lin.weight, lin.packed_weight)                       # autograd: F.linear
     run_linear(lin, x).sum().backward()
@@ -151,3 +163,103 @@ def test_bench_gemv_packed_micro(capsys):
     assert all(r["figures"][f"512x256_rows{m}_max_rel_err_packed"] < 1e-5 for m in (1, 16))
     assert r["ratios"]["512x256_rows16_packed_vs_f_linear"] > 0
     assert main(["bench", "gemv", "--packed"]) == 2                  # bf16 weights are not packed
+
+
+# ------------------------------------------------------------------ native.py's C++ ops
+native_only = pytest.mark.skipif(not native.load(), reason=f"native ops unavailable: {native.reason()}")
+
+
+@native_only
+@pytest.mark.parametrize("rows", [1, 2, 7, 32])
+@pytest.mark.parametrize("n,k", [(37, 29), (300, 130)])
+def test_native_gemm_is_the_python_ops_kernel(rows, n, k):
+    """The C++ op calls the same kernel as the Python op (packed._run): bit-identical, bias or not."""
+    g = torch.Generator().manual_seed(rows + n)
+    x, w, b = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+    p = packed.pack(w)
+    for bias in (None, b):
+        got = torch.ops.nanoseek_native.gemm_packed(x, p, bias, n)
+        assert torch.equal(got, packed._run(x, w, p, bias))
+        assert close(got, F.linear(x.double(), w.double(), None if bias is None else bias.double()))
+    one = torch.randn(k + 40, generator=g).as_strided((1, k), (7, 1))   # a 1-row view as inductor passes them
+    assert torch.equal(torch.ops.nanoseek_native.gemm_packed(one, p, None, n), packed._run(one.contiguous(), w, p, None))
+
+
+@native_only
+@pytest.mark.parametrize("N", [1, 5, 32])
+def test_native_moe_is_the_python_ops_kernel(N):
+    g = torch.Generator().manual_seed(N)
+    ex = Experts(16, 64, 32)
+    with torch.no_grad():
+        ex.gate_up_proj.normal_(generator=g)
+        ex.down_proj.normal_(generator=g)
+    pg, pd = packed.pack(ex.gate_up_proj), packed.pack(ex.down_proj)
+    x = torch.randn(N, 64, generator=g)
+    idx = torch.stack([torch.randperm(16, generator=g)[:4] for _ in range(N)])
+    w = torch.rand(N, 4, generator=g)
+    with torch.no_grad():
+        got = torch.ops.nanoseek_native.moe_packed(x, idx, w, pg, pd, 16, 32)
+        # experts are split among threads, each adding into its own y: equal up to summation order
+        assert close(got, packed._moe(x, idx, w, ex.gate_up_proj, ex.down_proj, pg, pd).double(), 1e-6)
+        assert close(got, experts_looped(ex, x, idx, w).double(), 1e-4)
+
+
+@native_only
+def test_native_ops_refuse_bad_input():
+    w = torch.randn(20, 8)
+    p = packed.pack(w)
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.nanoseek_native.gemm_packed(torch.randn(2, 8).double(), p, None, 20)
+    with pytest.raises(RuntimeError, match="does not hold"):
+        torch.ops.nanoseek_native.gemm_packed(torch.randn(2, 8), p, None, 40)
+    with pytest.raises(RuntimeError, match="bias"):
+        torch.ops.nanoseek_native.gemm_packed(torch.randn(2, 8), p, torch.randn(3), 20)
+    ex = Experts(4, 32, 16)
+    pg, pd = packed.pack(ex.gate_up_proj.detach()), packed.pack(ex.down_proj.detach())
+    with pytest.raises(RuntimeError, match="expert index"):
+        torch.ops.nanoseek_native.moe_packed(torch.randn(2, 32), torch.tensor([[0], [4]]), torch.ones(2, 1), pg, pd, 4, 16)
+    with pytest.raises(RuntimeError, match="do not hold"):
+        torch.ops.nanoseek_native.moe_packed(torch.randn(2, 32), torch.tensor([[0], [1]]), torch.ones(2, 1), pg, pd, 8, 16)
+
+
+@native_only
+def test_compiled_steps_call_the_native_ops():
+    """Traced products of packed weights (small ones too) become the C++ ops in the graph."""
+    seen = []
+
+    def backend(gm, inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+    lin = nn.Linear(64, 256)
+    ex = Experts(8, 64, 16)
+    nn.init.normal_(ex.gate_up_proj, std=0.1)
+    nn.init.normal_(ex.down_proj, std=0.1)
+    packed.attach(lin)
+    packed.attach(ex)
+    x, idx, w = torch.randn(16, 64), torch.stack([torch.randperm(8)[:2] for _ in range(16)]), torch.rand(16, 2)
+    with torch.no_grad():
+        y = torch.compile(run_linear, backend=backend, fullgraph=True)(lin, x[:2])
+        z = torch.compile(experts_auto, backend=backend, fullgraph=True)(ex, x, idx, w)
+    assert "nanoseek_native.gemm_packed" in seen and "nanoseek_native.moe_packed" in seen, seen
+    assert close(y, F.linear(x[:2].double(), lin.weight.double(), lin.bias.double()))
+    assert close(z, experts_looped(ex, x, idx, w).double(), 1e-5)
+
+
+@native_only
+def test_refresh_packs_again_what_changed_and_only_that():
+    a, b = nn.Linear(64, 256), nn.Linear(64, 256)
+    model = nn.Sequential(a, b)
+    packed.attach(model)
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        a.weight.mul_(2)
+        pb = b.packed_weight.clone()
+        packed.refresh(model)
+        assert close(torch.ops.nanoseek_native.gemm_packed(x, a.packed_weight, None, 256), F.linear(x.double(), a.weight.double()))
+        assert torch.equal(b.packed_weight, pb)
+        b.weight.data.mul_(-1)                                 # no version bump: refresh cannot see it
+        packed.refresh(model)
+        assert torch.equal(b.packed_weight, pb)
+        packed.forget(model)
+        packed.refresh(model)
+        assert close(torch.ops.nanoseek_native.gemm_packed(x, b.packed_weight, None, 256), F.linear(x.double(), b.weight.double()))
