@@ -32,12 +32,18 @@ sequence (Q = 1 for decode; 1 + k when verifying k drafts, `queries`); row (i, j
 j-th token at position start_i + j. Pad sequences (C − S of them) read token 0 at positions
 0..Q−1 of a scratch block no sequence owns (the engine allocates one block more than its block
 manager hands out) and attend there alone; a real sequence feeding fewer than Q tokens (a short
-draft, a catch-up of one token) has its extra rows write the scratch block and see its first
-row's context. Only valid rows come back, in the eager runner's packed order. The MTP module's pass
-(speculative.py: catching its cache up by 1..1+k tokens, then drafting) runs on the same grid
-(`mtp_forward`). Steps with a prefill chunk, larger catch-ups or more than max(sizes) sequences run
-the eager model, which stays the reference: tests/engine/test_graphs.py checks the graphs against
-it (same greedy tokens, logits and draft distributions within tolerance).
+draft, a catch-up of one token) has its extra rows repeat its first row (token, hidden, rope
+position and context: their MoE routes as that row does, so they read no experts of their own)
+and write the scratch block. Only valid rows come back, in the eager runner's packed order. The
+MTP module's pass (speculative.py: catching its cache up by 1..1+k tokens, then drafting) runs on
+the same grid (`mtp_forward`), compiled at 1 and 1 + k rows: a catch-up after a rejection and a
+recurrent draft take the 1-row graph. Steps with a prefill chunk, larger catch-ups or more than
+max(sizes) sequences run the eager model, which stays the reference: tests/engine/test_graphs.py
+checks the graphs against it (same greedy tokens, logits and draft distributions within tolerance).
+
+Packs. An fp32 model's packed weights (model/packed.py) run on native.py's C++ operators inside the
+graphs, which do not check whether a pack is stale: every call refreshes the packs first
+(`packed.refresh`, ~40 µs for small).
 
 Wrapper. Models of at most CPP_WRAPPER_MAX_BYTES of weights compile with inductor's C++ wrapper
 (the code that calls a graph's kernels), which removed ~3 ms of Python from a small model's step;

@@ -44,7 +44,15 @@ generates) for a second full-size graph per capture size to compile, and was not
 With packed weights (model/packed.py; plain steps got faster too): 1.16x at batch 1, 1.06x at
 batch 8. Per engine step at batch 1 (`/tmp/e16/spectime.py`): plain 6.6-7.0 ms (forward 5.8-6.1);
 speculative 10.6-11.1 ms: the 2-row forward 7.4-7.8, the MTP pass 2.4 (its compiled layer 1.75 ms,
-~1.8 main layers' worth), 1.82 tokens a step. The MTP pass is the piece left to look at.
+~1.8 main layers' worth), 1.82 tokens a step. With native.py's C++ operators (every linear of a
+step on the packs, no Python inside the graphs) and the MTP pass compiled at 1 and 1 + k rows, per
+decode step at batch 1 (`/tmp/e17/spectime2.py`, 12 random 24-token prompts, prefill apart): plain
+6.5 ms; k = 1: 10.0 ms (the 2-row forward 6.7, the MTP pass 2.3, its graph call 1.8) for 1.84
+tokens, 1.17x; k = 2: 13.1 ms (the 3-row forward 7.7, two MTP passes 4.4) for 2.63 tokens, 1.26x.
+What bounds it is bytes: at 1 thread this machine reads 9.4 GB/s from memory, and each extra row
+of a verification routes to its own top-4 of 16 experts (~7 distinct for 2 rows instead of 4, 370 KB
+each, in 7 layers), while the MTP module is one more layer, with its experts, plus eh_proj.
+`nanoseek bench engine` drafts 2 tokens by default.
 """
 from __future__ import annotations
 

@@ -24,9 +24,11 @@ them, one process, interleaved, µs per product, 16 weight copies cycled, 1 thre
     128 x 256           21/15      19/14      28/22      34/32      54/50
 
 The kernel reads a panel (K x 16 values) from memory once and uses it for every 6-row chunk of x from
-L1, so 2 rows cost about what 1 row costs (MKL: up to 3x). Small weights gain little, and a custom
-op's call costs ~20-30 µs inside a compiled graph, so only weights of at least MIN_WEIGHT values are
-packed. The MoE op runs each expert on the rows that chose it: at 16 tokens, top-2 of 8 experts,
+L1, so 2 rows cost about what 1 row costs (MKL: up to 3x). A Python custom op's call costs ~20-30 µs
+inside a compiled graph, which small weights do not repay: compiled steps call native.py's C++
+operators instead (~2 µs), so with those every weight of at least MIN_WEIGHT_NATIVE values is packed
+(small: the ~50 small linears of a step, 8.3 -> 6.6 ms at 2 rows, 6.8 -> 5.9 at 1, in one process);
+eager products (Python, with ctypes) take packs of at least MIN_WEIGHT values only. The MoE op runs each expert on the rows that chose it: at 16 tokens, top-2 of 8 experts,
 a quarter of the FLOPs of experts_dense (every expert on every row), each expert's weights read once.
 
 In the engine (tiny, batch 16, 64 greedy tokens, 1 thread, `LLM(pack_weights=False)` vs True in one
@@ -39,9 +41,12 @@ decode graphs take them as inputs like the weights, and checkpoints never see th
 first compares the weight's data pointer and version counter (bumped by every in-place write: an
 optimizer step, `load_state_dict`, LLM.update_weights) with those it was packed from, and packs again
 when they differ, so a policy trained in place between generations is never served stale weights.
-This check runs inside the op, at run time, also in compiled graphs. Two writes leave the version
-alone: through `.data`, and torch's fused AdamW; LLM.update_weights() (what a trainer calls after its
-step anyway, since the prefix cache holds KV of the old weights) has every pack made again (`forget`).
+This check runs inside the Python ops at run time; compiled code on native.py's C++ ops (which
+cannot read a version counter) runs after `refresh(module)`, the same check for every pack of the
+module at once (~40 µs for small's 90 packs; engine/graphs.py calls it at every step). Two writes
+leave the version alone: through `.data`, and torch's fused AdamW; LLM.update_weights() (what a
+trainer calls after its step anyway, since the prefix cache holds KV of the old weights) has every
+pack made again (`forget`).
 
 A pack holds its weight viewed as [N, K]: a Linear's [out, in]; Experts.gate_up_proj [E, 2I, H] as
 [E·2I, H] and down_proj [E, H, I] as [E·H, I], so each expert owns whole panels (2I and H must be
