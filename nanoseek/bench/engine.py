@@ -12,7 +12,7 @@ both; tokens/s from median times, ratios as the median of per-round paired ratio
   prefix     TTFT of a request whose ~2k-token prefix is cached vs the same request after
              `clear_prefix_cache()` (the miss computes all of it in one chunk).
   kv bytes   cached bytes per token: MLA's latent + rope key vs the same model's per-head K and V.
-  MTP        greedy decode with --spec-tokens MTP drafts per step (2) vs without, both engines alike (compiled
+  MTP        greedy decode with --spec-tokens MTP drafts per step (1) vs without, both engines alike (compiled
              unless --no-compile), at batch 1 (8 prompts in turn) and batch 8 (together):
              acceptance = accepted / proposed drafts, speed-up = tokens/s ratio; outputs must be
              identical. Needs a trained MTP module (random heads accept ~nothing): without --model
@@ -54,8 +54,9 @@ def add_arguments(p):
     p.add_argument("--reps", type=int, default=5, help="timed repetitions per figure (median)")
     p.add_argument("--train-steps", type=int, default=120, help="pretraining steps when no --model is given")
     p.add_argument("--prefix-tokens", type=int, default=2000, help="shared prefix length for the TTFT figure")
-    p.add_argument("--spec-tokens", type=int, default=2,
-                   help="MTP drafts per step (2: small at batch 1 measured 1.26x vs 1.17x with 1, acceptance 0.83)")
+    p.add_argument("--spec-tokens", type=int, default=1,
+                   help="MTP drafts per step (small at batch 1: 2 gave 1.18-1.26x, 1 gave 1.16-1.17x; "
+                        "tiny: 2 gave 0.86x at acceptance 0.67)")
     p.add_argument("--save-model", default=None, help="also save the pretrained checkpoint here (reuse with --model)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default; see the docstring)")
 

@@ -52,7 +52,7 @@ tokens, 1.17x; k = 2: 13.1 ms (the 3-row forward 7.7, two MTP passes 4.4) for 2.
 What bounds it is bytes: at 1 thread this machine reads 9.4 GB/s from memory, and each extra row
 of a verification routes to its own top-4 of 16 experts (~7 distinct for 2 rows instead of 4, 370 KB
 each, in 7 layers), while the MTP module is one more layer, with its experts, plus eh_proj.
-`nanoseek bench engine` drafts 2 tokens by default.
+`nanoseek bench engine --spec-tokens 2` on small: 1.18x at acceptance 0.83; on tiny 0.86x (0.67).
 """
 from __future__ import annotations
 
