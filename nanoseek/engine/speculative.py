@@ -50,8 +50,11 @@ decode step at batch 1 (`/tmp/e17/spectime2.py`, 12 random 24-token prompts, pre
 6.5 ms; k = 1: 10.0 ms (the 2-row forward 6.7, the MTP pass 2.3, its graph call 1.8) for 1.84
 tokens, 1.17x; k = 2: 13.1 ms (the 3-row forward 7.7, two MTP passes 4.4) for 2.63 tokens, 1.26x.
 What bounds it is bytes: at 1 thread this machine reads 9.4 GB/s from memory, and each extra row
-of a verification routes to its own top-4 of 16 experts (~7 distinct for 2 rows instead of 4, 370 KB
-each, in 7 layers), while the MTP module is one more layer, with its experts, plus eh_proj.
+of a verification routes to its own top-4 of 16 experts (small's routing on its training text: 6.1
+distinct experts a layer for 2 consecutive tokens, 7.7 for 3, instead of 4; 370 KB each, 7 layers),
+while the MTP module is one more layer, with its experts, plus eh_proj: ~11 MB more a step at
+k = 1, ~1.2 ms. Were everything else free, that alone caps k = 1 at ~1.56x beside today's 6.5 ms
+plain step, and at ~1.22x beside a plain step at the bandwidth limit (~22 MB, 2.3 ms).
 `nanoseek bench engine --spec-tokens 2` on small: 1.18x at acceptance 0.83; on tiny 0.86x (0.67).
 """
 from __future__ import annotations
