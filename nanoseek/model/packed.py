@@ -28,8 +28,9 @@ L1, so 2 rows cost about what 1 row costs (MKL: up to 3x). A Python custom op's 
 inside a compiled graph, which small weights do not repay: compiled steps call native.py's C++
 operators instead (~2 µs), so with those every weight of at least MIN_WEIGHT_NATIVE values is packed
 (small: the ~50 small linears of a step, 8.3 -> 6.6 ms at 2 rows, 6.8 -> 5.9 at 1, in one process);
-eager products (Python, with ctypes) take packs of at least MIN_WEIGHT values only. The MoE op runs each expert on the rows that chose it: at 16 tokens, top-2 of 8 experts,
-a quarter of the FLOPs of experts_dense (every expert on every row), each expert's weights read once.
+eager products (Python, with ctypes) take packs of at least MIN_WEIGHT values only. The MoE op runs
+each expert on the rows that chose it: at 16 tokens, top-2 of 8 experts, a quarter of the FLOPs of
+experts_dense (every expert on every row), each expert's weights read once.
 
 In the engine (tiny, batch 16, 64 greedy tokens, 1 thread, `LLM(pack_weights=False)` vs True in one
 process, interleaved, 10 rounds): packed linears alone 1.24-1.27x, with the MoE op 1.48x
@@ -110,7 +111,7 @@ def fresh(src: torch.Tensor, p: torch.Tensor) -> None:
 
 
 class _Seen:
-    """What refresh() last saw of a module's packed weights, to tell in ~20 µs (90 weights) that
+    """What refresh() last saw of a module's packed weights, to tell in ~40 µs (90 weights) that
     nothing changed: each weight's version counter and data pointer, read with C-level map()s."""
 
     def __init__(self, module: nn.Module):
@@ -193,7 +194,8 @@ def fits(x: torch.Tensor, src: torch.Tensor, p: torch.Tensor | None) -> bool:
 
 def linear(x: torch.Tensor, src: torch.Tensor, p: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] @ src.view(-1, K)ᵀ (+ bias) on the pack p (once `fits` said yes). Eager calls go
-    straight to the kernel; traced ones through the custom op (one opaque call in the graph)."""
+    straight to the kernel; traced ones through native.py's C++ operator (one opaque call in the
+    graph, no Python; refresh() first), or this module's Python custom op without it."""
     x2 = x.reshape(-1, x.shape[-1])
     if not torch.compiler.is_compiling():
         y = _run(x2, src, p, bias)
