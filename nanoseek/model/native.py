@@ -57,7 +57,8 @@ def available() -> bool:
 def _commands(out: Path, tmp: Path, cc: str, cxx: str) -> list[list[str]]:
     root = Path(torch.__file__).parent
     return [[cc, "-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-c", str(gemv.SOURCE), "-o", str(tmp / "gemv.o")],
-            [cxx, "-O2", "-std=c++17", "-fPIC", "-I", str(root / "include"), "-c", str(SOURCE), "-o", str(tmp / "native.o")],
+            [cxx, "-O2", "-std=c++17", "-fPIC", f"-DNANOSEEK_TORCH={torch.__version__}",   # in the cache key
+             "-I", str(root / "include"), "-c", str(SOURCE), "-o", str(tmp / "native.o")],
             [cxx, "-shared", "-fopenmp", str(tmp / "native.o"), str(tmp / "gemv.o"), "-o", str(out),
              "-L", str(root / "lib"), "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{root / 'lib'}"]]
 
