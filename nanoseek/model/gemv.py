@@ -145,13 +145,20 @@ def _self_check() -> str | None:
     for M in (1, 2, 5, 6, 7, 13):                          # packed.py's GEMM: row chunks, panel tails
         for N, K in ((37, 29), (16, 8), (5, 3)):
             x, w, b = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g), torch.randn(N, generator=g)
-            p = torch.empty(-(-N // 16) * 16 * K)
-            _cdll.nanoseek_pack16(w.data_ptr(), K, p.data_ptr(), N, K)
+            p = pack16(w)
             y = torch.empty(M, N)
             _cdll.nanoseek_gemm_packed(x.data_ptr(), K, p.data_ptr(), b.data_ptr(), y.data_ptr(), N, M, N, K, 1)
             if not torch.allclose(y.double(), F.linear(x.double(), w.double(), b.double()), rtol=1e-5, atol=1e-5):
                 return f"the packed GEMM disagrees with F.linear at M={M} N={N} K={K}"
     return None
+
+
+def pack16(w: torch.Tensor) -> torch.Tensor:
+    """A contiguous fp32 w [N, K] in panels of 16 rows (nanoseek_pack16), for the load-time checks
+    here and in native.py (packed.py, which imports this module, makes the model's packs)."""
+    p = torch.empty(-(-w.shape[0] // 16) * 16 * w.shape[1])
+    _cdll.nanoseek_pack16(w.data_ptr(), w.shape[1], p.data_ptr(), w.shape[0], w.shape[1])
+    return p
 
 
 def lib() -> ctypes.CDLL:

@@ -20,7 +20,7 @@ at 2 rows, where sgemm takes the place of sgemv. Called from C++, one product of
 Staleness. The C++ ops do not check whether a pack still matches its weight (the version counter
 is not part of the stable ABI). `packed.refresh(module)` does it in Python, once for every pack
 of the module, and whoever runs compiled code on packs calls it first: engine/graphs.py does, at
-every step (~20-60 µs for a small model). Eager products keep checking per call (packed._run).
+every step (~40 µs for small's 90 packs). Eager products keep checking per call (packed._run).
 
 Build. g++ compiles native.cpp against torch's headers (the stable C++ API: header-only, so ~8 s)
 and links it with gemv.c (gcc) and libtorch into one library in gemv.py's cache directory; the
@@ -78,9 +78,7 @@ def _self_check() -> str | None:
     for M in (1, 2, 7, 13):
         for N, K in ((37, 29), (16, 8)):
             x, w, b = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g), torch.randn(N, generator=g)
-            p = torch.empty(-(-N // 16) * 16 * K)
-            gemv.lib().nanoseek_pack16(w.data_ptr(), K, p.data_ptr(), N, K)
-            y = torch.ops.nanoseek_native.gemm_packed(x, p, b, N)
+            y = torch.ops.nanoseek_native.gemm_packed(x, gemv.pack16(w), b, N)
             if not torch.allclose(y.double(), F.linear(x.double(), w.double(), b.double()), rtol=1e-5, atol=1e-5):
                 return f"nanoseek_native.gemm_packed disagrees with F.linear at M={M} N={N} K={K}"
     return None
