@@ -15,7 +15,9 @@ both; tokens/s from median times, ratios as the median of per-round paired ratio
   MTP        greedy decode with --spec-tokens MTP drafts per step (1) vs without, both engines alike (compiled
              unless --no-compile), at batch 1 (8 prompts in turn) and batch 8 (together):
              acceptance = accepted / proposed drafts, speed-up = tokens/s ratio; outputs must be
-             identical. Needs a trained MTP module (random heads accept ~nothing): without --model
+             identical. `spec_oracle_speedup_batch1`: the same engine at batch 1 with perfect drafts
+             that cost nothing (ReplayDrafter, the plain run's own tokens): the ceiling of any
+             drafter at this many drafts, set by what verifying them costs. Needs a trained MTP module (random heads accept ~nothing): without --model
              the bench first pretrains the tiny preset for --train-steps (8×128 tokens each) on
              synthetic, highly regular text (random-order verses, `synthetic_doc`) with the MTP loss
              (λ = 0.3), and uses those weights for every figure; the output says which it used.
@@ -164,18 +166,28 @@ def decode_figures(llm, hf, vocab: int, reps: int, batches=(1, 16), new_tokens: 
 
 
 def memory_bandwidth(seconds: float = 1.0) -> float:
-    """Bytes per second this process reads from memory with torch's threads: the sum of a 1 GiB
-    tensor (far beyond the caches), median of a few passes — the speed limit of a decode step that
-    must read every weight once."""
+    """Bytes per second this thread reads from memory: a 1 GiB tensor (far beyond the caches) summed
+    by gemv.c's nanoseek_read in 1, 2, 4 and 8 streams side by side, the fastest (median of passes
+    each); the speed limit of a decode step that must read every weight once. One stream is what
+    torch's x.sum() reads (~9.4 GB/s here); four read ~18: a core keeps more lines in flight, and the
+    decode kernels read several streams too (the bf16 kernel at 1.5B read ~12 GB/s, past a limit
+    measured with x.sum()). Without the C kernel: x.sum()."""
+    from nanoseek.model import gemv
     x = torch.ones(1 << 28, dtype=torch.float32)           # 1 GiB
-    x.sum()
-    times = []
-    t_end = time.perf_counter() + seconds
-    while len(times) < 3 or time.perf_counter() < t_end:
-        t0 = time.perf_counter()
-        x.sum()
-        times.append(time.perf_counter() - t0)
-    return x.numel() * x.element_size() / statistics.median(times)
+    readers = {"sum": lambda: x.sum()}
+    if gemv.load():
+        readers = {s: (lambda s=s: gemv.lib().nanoseek_read(x.data_ptr(), x.numel(), s)) for s in (1, 2, 4, 8)}
+    best = 0.0
+    for read in readers.values():
+        read()
+        times = []
+        t_end = time.perf_counter() + seconds / len(readers)
+        while len(times) < 3 or time.perf_counter() < t_end:
+            t0 = time.perf_counter()
+            read()
+            times.append(time.perf_counter() - t0)
+        best = max(best, x.numel() * x.element_size() / statistics.median(times))
+    return best
 
 
 def rss_bytes() -> int:
@@ -266,33 +278,67 @@ def ttft_figures(llm, tok, prefix_tokens: int, reps: int) -> dict:
             "prefix_tokens": len(prefix)}
 
 
+class ReplayDrafter:
+    """The ceiling of any drafter, for `mtp_figures`: drafts a greedy run's own next tokens (known
+    from a plain run of the same prompt), so every draft is accepted, and costs no model pass. In
+    place of an engine's MTPDrafter it leaves the MTP cache unwritten: its engine's prefix cache must
+    be cleared before the MTP drafter runs again (mtp_figures clears it before every generate)."""
+
+    def __init__(self, num_tokens: int, continuations: dict[tuple, list[int]]):
+        """continuations: prompt token ids -> the tokens greedy decoding emits after them."""
+        self.k, self.full = num_tokens, {p: list(p) + list(c) for p, c in continuations.items()}
+
+    def step(self, items: list[tuple], drafting: list[bool]) -> None:
+        for (seq, _rows, _nc_old), d in zip(items, drafting):
+            L = seq.num_computed
+            seq.mtp_len, seq.last_hidden, seq.draft_probs = L + 1, None, None
+            seq.draft = self.full[tuple(seq.request.prompt_token_ids)][L + 1:L + 1 + self.k] if d else []
+
+
 def mtp_figures(model, tok, spec_tokens: int, reps: int, batch: int = 8, **engine_kw) -> dict:
     """Batch 1: each of 8 prompts in turn, plain then speculative (order alternating), reps rounds;
-    then the 8 prompts as one batch, the same way. Both engines alike (compiled or not)."""
+    then the 8 prompts as one batch, the same way. Both engines alike (compiled or not). At batch 1
+    the speculative engine also runs with a ReplayDrafter in place of its MTP drafter (`oracle`):
+    perfect drafts at no cost, the most any drafter could gain at this many drafts over what
+    verifying them costs (`spec_oracle_speedup_batch1`)."""
     from nanoseek.engine import LLM, SamplingParams
     rng = random.Random(2)
     prompts = [tok.encode(synthetic_doc(rng))[:24] for _ in range(batch)]
     sp = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
     engines = {"plain": LLM(model, tok, **engine_kw), "spec": LLM(model, tok, speculative_tokens=spec_tokens, **engine_kw)}
+    mtp = engines["spec"].drafter
+    replay = ReplayDrafter(spec_tokens, {tuple(p): o[0].token_ids
+                                         for p, o in zip(prompts, engines["plain"].generate(prompts, sp))})
+    proposed = accepted = 0
     out, same = {}, True
     for name, groups in (("batch1", [[p] for p in prompts]), (f"batch{batch}", [prompts])):
-        times = {"plain": [], "spec": []}
+        kinds = ["plain", "spec", "oracle"] if name == "batch1" else ["plain", "spec"]
+        times = {k: [] for k in kinds}
         for r in range(reps + 1):                                   # round 0 warms up
             for group in groups:
                 got = {}
-                for e in (["plain", "spec"] if r % 2 else ["spec", "plain"]):
-                    engines[e].clear_prefix_cache()
+                for kind in (kinds if r % 2 else kinds[::-1]):
+                    e = engines["plain" if kind == "plain" else "spec"]
+                    if kind != "plain":
+                        e.drafter = replay if kind == "oracle" else mtp
+                    e.clear_prefix_cache()
+                    c0 = dict(e.counters)
                     t0 = time.perf_counter()
-                    got[e] = [o[0].token_ids for o in engines[e].generate(group, sp)]
+                    got[kind] = [o[0].token_ids for o in e.generate(group, sp)]
                     if r:
-                        times[e].append(time.perf_counter() - t0)
-                same &= got["plain"] == got["spec"]
+                        times[kind].append(time.perf_counter() - t0)
+                    if kind == "spec":
+                        proposed += e.counters["spec_proposed"] - c0["spec_proposed"]
+                        accepted += e.counters["spec_accepted"] - c0["spec_accepted"]
+                same &= all(g == got["plain"] for g in got.values())
+        engines["spec"].drafter = mtp
         n = 64 * len(groups[0])
         out[f"spec_tok_s_{name}"] = n / statistics.median(times["spec"])
         out[f"plain_tok_s_{name}"] = n / statistics.median(times["plain"])
         out[f"spec_paired_speedup_{name}"] = paired(times, "plain", "spec")
-    c = engines["spec"].counters
-    out.update(mtp_acceptance=c["spec_accepted"] / max(c["spec_proposed"], 1), spec_identical=float(same),
+        if "oracle" in times:
+            out[f"spec_oracle_speedup_{name}"] = paired(times, "plain", "oracle")
+    out.update(mtp_acceptance=accepted / max(proposed, 1), spec_identical=float(same),
                compile_seconds_spec=engines["spec"].compile_seconds or 0.0)
     return out
 
@@ -339,6 +385,7 @@ def main(args) -> int:
         "prefix_hit_vs_miss_ttft": figures["ttft_miss_ms"] / figures["ttft_hit_ms"],
         "spec_mtp_speedup_batch1": figures.pop("spec_paired_speedup_batch1"),
         "spec_mtp_speedup_batch8": figures.pop("spec_paired_speedup_batch8"),
+        "spec_oracle_speedup_batch1": figures.pop("spec_oracle_speedup_batch1"),
         "kv_bytes_mha_vs_mla": mha / figures["kv_bytes_per_token_mla"],
     }
     figures["compile_seconds"] = llm.compile_seconds or 0.0

@@ -49,12 +49,21 @@ step on the packs, no Python inside the graphs) and the MTP pass compiled at 1 a
 decode step at batch 1 (`/tmp/e17/spectime2.py`, 12 random 24-token prompts, prefill apart): plain
 6.5 ms; k = 1: 10.0 ms (the 2-row forward 6.7, the MTP pass 2.3, its graph call 1.8) for 1.84
 tokens, 1.17x; k = 2: 13.1 ms (the 3-row forward 7.7, two MTP passes 4.4) for 2.63 tokens, 1.26x.
-What bounds it is bytes: at 1 thread this machine reads 9.4 GB/s from memory, and each extra row
-of a verification routes to its own top-4 of 16 experts (small's routing on its training text: 6.1
-distinct experts a layer for 2 consecutive tokens, 7.7 for 3, instead of 4; 370 KB each, 7 layers),
-while the MTP module is one more layer, with its experts, plus eh_proj: ~11 MB more a step at
-k = 1, ~1.2 ms. Were everything else free, that alone caps k = 1 at ~1.56x beside today's 6.5 ms
-plain step, and at ~1.22x beside a plain step at the bandwidth limit (~22 MB, 2.3 ms).
+What bounds it, measured (2026-12-01, `nanoseek bench engine` reports the first figure as
+`spec_oracle_speedup_batch1`): the same engine with perfect drafts that cost nothing
+(bench/engine.py's ReplayDrafter: every draft accepted, no MTP pass) reaches 1.49-1.55x at k = 1,
+1.90-1.92x at k = 2 and 2.22x at k = 3 on small, against 1.16-1.18x / 1.16-1.20x / 1.01x with the
+MTP drafter (one process, /tmp/e18/oracle.py; gemv.c reading 4 panels side by side made every
+step faster and moved none of these). At k = 1 verification alone leaves no room: a 2-row step
+costs ~1.27x a 1-row one (each row routes to experts of its own: 6.1 distinct a layer for 2
+consecutive tokens, 7.7 for 3, instead of 4; 370 KB each), so 1.5x would need every draft accepted
+for free. At k = 2 the ceiling is 1.9x and the drafts lose it twice: 26 steps instead of 22 for 64
+tokens (the recurrent second draft is accepted ~0.6 of the time after an accepted first: the
+module drafts from its own hidden, not the main model's, which it was never trained on), and
+~2.4 ms a step for the two MTP passes, 0.6 of a plain step (each reads the module's weights
+again after the main pass evicted them: 0.9-1.0 ms in the engine, 0.5 ms hot). What would close it
+is a better second draft (V3's D = 2 modules, each trained for its depth, §2.2, or a module trained
+on its own hidden), which means another pretraining than the bench's, not another engine.
 `nanoseek bench engine --spec-tokens 2` on small: 1.18x at acceptance 0.83; on tiny 0.86x (0.67).
 """
 from __future__ import annotations

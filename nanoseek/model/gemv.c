@@ -262,6 +262,57 @@ static inline __attribute__((always_inline)) void panel_all_rows(
     }
 }
 
+/* A few rows against P consecutive full panels at once (R·P <= 6 accumulator pairs): P streams of the
+ * pack read side by side. One core reads ~10 GB/s from one stream and ~18 GB/s from four
+ * (a plain AVX2 sum over 1 GiB, 1 thread), and at 1-3 rows a panel is one stream: the products of a
+ * decode step, experts included, ran at ~10 GB/s. The next group's panels are prefetched (into L2)
+ * alongside. Each output sees the same FMAs in the same order as in panel_rows: bit-identical. */
+#define SLOT(s) if (R * P > s) {                                                                  \
+        const __m256 a = _mm256_broadcast_ss(x + (s / P) * ldx + k);                               \
+        const float *bp = pp + (s % P) * K * PANEL + k * PANEL;                                     \
+        d##s##0 = _mm256_fmadd_ps(a, _mm256_loadu_ps(bp), d##s##0);                                \
+        d##s##1 = _mm256_fmadd_ps(a, _mm256_loadu_ps(bp + 8), d##s##1); }
+#define STORE_SLOT(s) if (R * P > s) {                                                            \
+        const float *bs = b ? b + (s % P) * PANEL : NULL;                                           \
+        const __m256 b0 = bs ? _mm256_loadu_ps(bs) : z, b1 = bs ? _mm256_loadu_ps(bs + 8) : z;       \
+        store_row(y + (s / P) * ldy + (s % P) * PANEL, d##s##0, d##s##1, b0, b1, PANEL); }
+
+static inline __attribute__((always_inline)) void group_rows(
+        const int R, const int P, const float *x, int64_t ldx, const float *pp, int64_t K, const float *b,
+        float *y, int64_t ldy, const float *next, int64_t next_panels) {
+    const __m256 z = _mm256_setzero_ps();
+    __m256 d00 = z, d01 = z, d10 = z, d11 = z, d20 = z, d21 = z, d30 = z, d31 = z, d40 = z, d41 = z,
+           d50 = z, d51 = z;
+    for (int64_t k = 0; k < K; k++) {
+        for (int64_t j = 0; j < next_panels; j++) _mm_prefetch((const char *)(next + (j * K + k) * PANEL), _MM_HINT_T1);
+        SLOT(0) SLOT(1) SLOT(2) SLOT(3) SLOT(4) SLOT(5)
+    }
+    STORE_SLOT(0) STORE_SLOT(1) STORE_SLOT(2) STORE_SLOT(3) STORE_SLOT(4) STORE_SLOT(5)
+}
+
+/* panels per group for M rows: as many streams as the 12 accumulators allow, 1 past 3 rows */
+static inline int64_t group_panels(int64_t M) { return M == 1 ? 4 : M == 2 ? 3 : M == 3 ? 2 : 1; }
+
+/* panels q0 .. q1 - 1 of W for all M rows of x: full groups through group_rows, the rest (and every
+ * panel past 3 rows) through panel_all_rows */
+static inline __attribute__((always_inline)) void panel_range(
+        int64_t q0, int64_t q1, const float *x, int64_t ldx, const float *p, const float *b, float *y, int64_t ldy,
+        int64_t M, int64_t N, int64_t K, uint64_t inv) {
+    const int64_t G = group_panels(M), full = N / PANEL;
+    int64_t q = q0;
+    for (; G > 1 && q + G <= q1 && q + G <= full; q += G) {
+        const float *pp = p + q * K * PANEL, *bq = b ? b + q * PANEL : NULL;
+        float *yq = y + q * PANEL;
+        const int64_t ahead = (full - q - G) < G ? (full - q - G) : G;     /* the next group's panels */
+        switch (M) {
+            case 1: group_rows(1, 4, x, ldx, pp, K, bq, yq, ldy, pp + G * K * PANEL, ahead); break;
+            case 2: group_rows(2, 3, x, ldx, pp, K, bq, yq, ldy, pp + G * K * PANEL, ahead); break;
+            default: group_rows(3, 2, x, ldx, pp, K, bq, yq, ldy, pp + G * K * PANEL, ahead); break;
+        }
+    }
+    for (; q < q1; q++) panel_all_rows(q, x, ldx, p, b, y, ldy, M, N, K, inv);
+}
+
 static inline uint64_t inverse_chunks(int64_t M) {       /* 2^32 / (6-row chunks of M), rounded up */
     const int64_t chunks = (M + 5) / 6;
     return ((1ull << 32) + chunks - 1) / chunks;
@@ -271,10 +322,11 @@ static inline uint64_t inverse_chunks(int64_t M) {       /* 2^32 / (6-row chunks
  * all fp32. Panels are split among `threads` OpenMP threads. */
 void nanoseek_gemm_packed(const float *x, int64_t ldx, const float *p, const float *b, float *y, int64_t ldy,
                           int64_t M, int64_t N, int64_t K, int threads) {
-    const int64_t panels = (N + PANEL - 1) / PANEL;
+    const int64_t panels = (N + PANEL - 1) / PANEL, G = group_panels(M), groups = (panels + G - 1) / G;
     const uint64_t inv = inverse_chunks(M);
     #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t q = 0; q < panels; q++) panel_all_rows(q, x, ldx, p, b, y, ldy, M, N, K, inv);
+    for (int64_t g = 0; g < groups; g++)
+        panel_range(g * G, (g + 1) * G < panels ? (g + 1) * G : panels, x, ldx, p, b, y, ldy, M, N, K, inv);
 }
 
 /* ---------------------------------------------------------------- MoE experts on packed weights
@@ -314,7 +366,7 @@ int nanoseek_moe_packed(const float *x, int64_t N, int64_t H, const int64_t *idx
             if (ne == 0) continue;
             const float *pg = gate_up + e * 2 * I * H, *pd = down + e * H * I;
             uint64_t inv = inverse_chunks(ne);
-            for (int64_t q = 0; q < 2 * I / PANEL; q++) panel_all_rows(q, xe, H, pg, NULL, h, 2 * I, ne, 2 * I, H, inv);
+            panel_range(0, 2 * I / PANEL, xe, H, pg, NULL, h, 2 * I, ne, 2 * I, H, inv);
             /* act = silu(gate) · up · routing weight, in place of gate */
             for (int64_t i = 0; i < ne; i++) {
                 float w = 0.f;
@@ -325,7 +377,7 @@ int nanoseek_moe_packed(const float *x, int64_t N, int64_t H, const int64_t *idx
                     h[i * 2 * I + c] = g / (1.f + expf(-g)) * h[i * 2 * I + I + c] * w;
                 }
             }
-            for (int64_t q = 0; q < H / PANEL; q++) panel_all_rows(q, h, 2 * I, pd, NULL, out, H, ne, H, I, inv);
+            panel_range(0, H / PANEL, h, 2 * I, pd, NULL, out, H, ne, H, I, inv);
             for (int64_t i = 0; i < ne; i++)
                 for (int64_t c = 0; c < H; c++) yt[r[i] * H + c] += out[i * H + c];
         }
@@ -335,4 +387,28 @@ int nanoseek_moe_packed(const float *x, int64_t N, int64_t H, const int64_t *idx
     free(buf);
     free(rows);
     return 0;
+}
+
+/* ---------------------------------------------------------------- reading speed
+ * The sum of x [n] read as `streams` (1..8) equal parts side by side, with AVX2 loads: what one
+ * thread can read from memory, for `nanoseek bench engine`'s bandwidth limit. One stream reads
+ * ~10 GB/s on this machine, four ~18 (a core keeps more lines in flight over several streams),
+ * where torch's x.sum() read ~9.4: a limit measured with it sat below what the decode kernels reach. */
+float nanoseek_read(const float *x, int64_t n, int64_t streams) {
+    if (streams < 1) streams = 1;
+    if (streams > 8) streams = 8;
+    const int64_t per = n / streams / 16 * 16;
+    __m256 a[8];
+    for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < per; i += 16)
+        for (int64_t j = 0; j < streams; j++) {
+            const float *p = x + j * per + i;
+            a[j] = _mm256_add_ps(a[j], _mm256_add_ps(_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)));
+        }
+    float t[8], s = 0.f;
+    for (int j = 1; j < 8; j++) a[0] = _mm256_add_ps(a[0], a[j]);
+    _mm256_storeu_ps(t, a[0]);
+    for (int j = 0; j < 8; j++) s += t[j];
+    for (int64_t i = per * streams; i < n; i++) s += x[i];
+    return s;
 }

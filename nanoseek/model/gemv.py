@@ -142,8 +142,8 @@ def _self_check() -> str | None:
                     got = _run(x, w, bias).double()
                     if not bool(((got - want).abs() <= rtol * (1 + want.abs())).all()):
                         return f"disagrees with F.linear at M={M} N={N} K={K} bias={bias is not None} {dtype}"
-    for M in (1, 2, 5, 6, 7, 13):                          # packed.py's GEMM: row chunks, panel tails
-        for N, K in ((37, 29), (16, 8), (5, 3)):
+    for M in (1, 2, 3, 5, 6, 7, 13):                 # packed.py's GEMM: row chunks, panel groups and tails
+        for N, K in ((37, 29), (100, 29), (16, 8), (5, 3)):
             x, w, b = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g), torch.randn(N, generator=g)
             p = pack16(w)
             y = torch.empty(M, N)
@@ -162,8 +162,8 @@ def pack16(w: torch.Tensor) -> torch.Tensor:
 
 
 def lib() -> ctypes.CDLL:
-    """The loaded library (after load() returned True): nanoseek_gemv, and packed.py's nanoseek_pack16,
-    nanoseek_gemm_packed and nanoseek_moe_packed."""
+    """The loaded library (after load() returned True): nanoseek_gemv, packed.py's nanoseek_pack16,
+    nanoseek_gemm_packed and nanoseek_moe_packed, and nanoseek_read (the bench's reading speed)."""
     return _cdll
 
 
@@ -189,6 +189,8 @@ def load() -> bool:
         lib.nanoseek_gemm_packed.restype = None
         lib.nanoseek_moe_packed.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ptr, i64, i64, ptr, ctypes.c_int]
         lib.nanoseek_moe_packed.restype = ctypes.c_int
+        lib.nanoseek_read.argtypes = [ptr, i64, i64]
+        lib.nanoseek_read.restype = ctypes.c_float
         _lib, _cdll = fn, lib
         why = _self_check()
     except (OSError, RuntimeError, AttributeError) as e:

@@ -32,6 +32,14 @@ eager products (Python, with ctypes) take packs of at least MIN_WEIGHT values on
 each expert on the rows that chose it: at 16 tokens, top-2 of 8 experts, a quarter of the FLOPs of
 experts_dense (every expert on every row), each expert's weights read once.
 
+At 1-3 rows the kernel reads 4, 3 or 2 panels side by side (gemv.c's group_rows; the same FMAs in
+the same order, bit-identical): one core reads ~10 GB/s from one stream and ~18 from four, and a
+decode step's packs come from memory, not the caches. Weights cycled far beyond L3 (377 MB of small's
+experts, 1 thread, interleaved, `/tmp/e18/ab_kernel.py`), one stream -> grouped, GB/s of weights:
+the MoE op at 1 / 2 / 3 rows 9.8 -> 13.3, 10.0 -> 13.5, 10.1 -> 13.3 (1.31-1.36x); GEMMs such as
+1024 x 320 11.0 -> 15.2 at 1 row, 14.5 at 2, 13.3 at 3 (1.19-1.39x across small's shapes; 4 rows
+and more unchanged).
+
 In the engine (tiny, batch 16, 64 greedy tokens, 1 thread, `LLM(pack_weights=False)` vs True in one
 process, interleaved, 10 rounds): packed linears alone 1.24-1.27x, with the MoE op 1.48x
 (1,552 -> 2,219 tok/s); the same tokens.

@@ -132,3 +132,25 @@ def test_speculative_under_memory_pressure_and_abort(model):
     small.step(), small.step()
     assert small.abort(rid).outputs[0].finish_reason == "abort"
     assert small.blocks.num_free == 14 and not any(small.blocks.ref)
+
+
+def test_bench_replay_drafter_is_the_ceiling_and_hands_back_cleanly(model):
+    """`nanoseek bench engine`'s ceiling (bench/engine.py's ReplayDrafter): drafts are the greedy run's
+    own next tokens, so every one is accepted and a step yields k + 1 tokens; the MTP drafter put back
+    afterwards (prefix cache cleared, as the bench does) still decodes exactly."""
+    from nanoseek.bench.engine import ReplayDrafter
+    prompts = _prompts([5, 9], seed=6)
+    params = SamplingParams(temperature=0, max_tokens=13, ignore_eos=True)
+    refs = {tuple(p): naive_greedy(model, p, 13) for p in prompts}
+    llm = LLM(model, num_blocks=64, block_size=4, speculative_tokens=3)
+    mtp = llm.drafter
+    llm.drafter = ReplayDrafter(3, refs)
+    for p in prompts:
+        c0 = dict(llm.counters)
+        assert llm.generate([p], params)[0][0].token_ids == refs[tuple(p)]
+        d = {k: llm.counters[k] - c0[k] for k in ("steps", "spec_proposed", "spec_accepted")}
+        # the prefill emits 1 token, each later step 4, the last draft cut at max_tokens (13 = 1 + 4·3)
+        assert d == dict(steps=4, spec_proposed=9, spec_accepted=9)
+    llm.drafter = mtp
+    llm.clear_prefix_cache()
+    assert [o[0].token_ids for o in llm.generate(prompts, params)] == [refs[tuple(p)] for p in prompts]

@@ -16,7 +16,7 @@ def close(got, want, tol=1e-5):
     return bool(((got.double() - want).abs() <= tol * (1 + want.abs().max())).all())
 
 
-@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 12, 13, 16, 32])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 12, 13, 16, 32])
 @pytest.mark.parametrize("n,k", [(1, 3), (37, 29), (16, 64), (300, 130)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_matches_f_linear(rows, n, k, bias):
@@ -108,7 +108,7 @@ def test_what_stays_off_the_packs():
 
 
 @pytest.mark.parametrize("E,H,I,K", [(8, 256, 128, 2), (16, 320, 96, 4), (4, 32, 8, 1)])
-@pytest.mark.parametrize("N", [1, 2, 5, 16, 32])
+@pytest.mark.parametrize("N", [1, 2, 3, 5, 16, 32])
 def test_moe_matches_looped_experts(E, H, I, K, N):
     g = torch.Generator().manual_seed(E * 100 + N)
     ex = Experts(E, H, I)
