@@ -76,7 +76,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     a kernel per new shape (~0.5 ms, then cached), so only row counts that are multiples of 64 take
     it — the fixed shapes of training and batch prefill; decode steps and odd prefill chunks, whose
     shapes keep changing, stay on MKL. bf16 products of at most gemv.MAX_ROWS rows (decode steps of
-    a bf16 model), and fp32 ones of 2-8 rows with large weights (gemv.fits), run on gemv's kernel
+    a bf16 model; gemv.BF16_NATIVE_MAX_ROWS on a CPU with native bf16), and fp32 ones of 2-8 rows with large weights (gemv.fits), run on gemv's kernel
     once an engine has loaded it (gemv.load()). Autocast, other
     dtypes and devices take F.linear unchanged.
     `F.linear` is the reference (tests/model/test_fastpaths.py, tests/model/test_gemv.py)."""

@@ -264,8 +264,8 @@ static inline __attribute__((always_inline)) void panel_all_rows(
 
 /* A few rows against P consecutive full panels at once (R·P <= 6 accumulator pairs): P streams of the
  * pack read side by side. One core reads ~10 GB/s from one stream and ~18 GB/s from four
- * (a plain AVX2 sum over 1 GiB, 1 thread), and at 1-3 rows a panel is one stream: the products of a
- * decode step, experts included, ran at ~10 GB/s. The next group's panels are prefetched (into L2)
+ * (a plain AVX2 sum over 1 GiB, 1 thread, Intel Xeon, 2026-12-01), and at 1-3 rows a panel is one
+ * stream: the products of a decode step, experts included, read ~10 GB/s from beyond the caches. The next group's panels are prefetched (into L2)
  * alongside. Each output sees the same FMAs in the same order as in panel_rows: bit-identical. */
 #define SLOT(s) if (R * P > s) {                                                                  \
         const __m256 a = _mm256_broadcast_ss(x + (s / P) * ldx + k);                               \
@@ -293,6 +293,75 @@ static inline __attribute__((always_inline)) void group_rows(
 /* panels per group for M rows: as many streams as the 12 accumulators allow, 1 past 3 rows */
 static inline int64_t group_panels(int64_t M) { return M == 1 ? 4 : M == 2 ? 3 : M == 3 ? 2 : 1; }
 
+/* 4 rows and more on a CPU with AVX-512 (checked at run time; the file is built for AVX2): a zmm holds
+ * a whole panel row, so a chunk of up to 12 rows keeps 12 accumulators, one weight load and one
+ * broadcast a row per k, half the FMA instructions of the 6x16 ymm block. Each output sees the same
+ * FMAs in the same order as in panel_rows: bit-identical (nanoseek_avx512(0) turns it off, for
+ * tests). Compute-bound at 16 rows, where the AVX2 block ran tiny's batch-16 products. */
+static int use_avx512 = -1;     /* -1: not decided yet */
+
+#define FMA512(r) if (R > r) c##r = _mm512_fmadd_ps(_mm512_set1_ps(x[r * ldx + k]), w, c##r);
+#define STORE512(r) if (R > r) _mm512_mask_storeu_ps(y + r * ldy, mask, _mm512_add_ps(c##r, bias));
+
+static inline __attribute__((always_inline, target("avx512f"))) void panel_rows512(
+        const int R, const float *x, int64_t ldx, const float *pp, int64_t K, const float *b, float *y,
+        int64_t ldy, int64_t nn, const float *next, int64_t line0, uint64_t inv) {
+    const __m512 z = _mm512_setzero_ps();
+    __m512 c0 = z, c1 = z, c2 = z, c3 = z, c4 = z, c5 = z, c6 = z, c7 = z, c8 = z, c9 = z, c10 = z, c11 = z;
+    for (int64_t k = 0; k < K; k++) {
+        const __m512 w = _mm512_loadu_ps(pp + k * PANEL);
+        _mm_prefetch((const char *)(next + (((uint64_t)(line0 + k) * inv) >> 32) * PANEL), _MM_HINT_T1);
+        FMA512(0) FMA512(1) FMA512(2) FMA512(3) FMA512(4) FMA512(5)
+        FMA512(6) FMA512(7) FMA512(8) FMA512(9) FMA512(10) FMA512(11)
+    }
+    const __mmask16 mask = (__mmask16)((1u << nn) - 1);
+    const __m512 bias = b ? _mm512_maskz_loadu_ps(mask, b) : z;
+    STORE512(0) STORE512(1) STORE512(2) STORE512(3) STORE512(4) STORE512(5)
+    STORE512(6) STORE512(7) STORE512(8) STORE512(9) STORE512(10) STORE512(11)
+}
+
+#define ROWS512(R) panel_rows512(R, x + m * ldx, ldx, pp, K, bq, y + m * ldy + n0, ldy, nn, pp + K * PANEL, \
+                                 m / per * K, inv)
+
+/* the M rows in even chunks of at most 12 (16 rows: 8 + 8, so no chunk waits on the FMA latency) */
+static __attribute__((noinline, target("avx512f"))) void panel_all_rows512(
+        int64_t q, const float *x, int64_t ldx, const float *p, const float *b, float *y, int64_t ldy,
+        int64_t M, int64_t N, int64_t K) {
+    const float *pp = p + q * K * PANEL;
+    const int64_t n0 = q * PANEL, nn = N - n0 < PANEL ? N - n0 : PANEL;
+    const float *bq = b ? b + n0 : NULL;
+    const int64_t chunks = (M + 11) / 12, per = (M + chunks - 1) / chunks;
+    const uint64_t inv = ((1ull << 32) + chunks - 1) / chunks;
+    for (int64_t m = 0; m < M; m += per) {
+        switch (M - m < per ? M - m : per) {
+            case 12: ROWS512(12); break;
+            case 11: ROWS512(11); break;
+            case 10: ROWS512(10); break;
+            case 9: ROWS512(9); break;
+            case 8: ROWS512(8); break;
+            case 7: ROWS512(7); break;
+            case 6: ROWS512(6); break;
+            case 5: ROWS512(5); break;
+            case 4: ROWS512(4); break;
+            case 3: ROWS512(3); break;
+            case 2: ROWS512(2); break;
+            default: ROWS512(1); break;
+        }
+    }
+}
+
+/* Whether the AVX-512 block runs (want = 0 turns it off, 1 on where the CPU has AVX-512F). */
+int nanoseek_avx512(int want) {
+    __builtin_cpu_init();
+    use_avx512 = want && __builtin_cpu_supports("avx512f");
+    return use_avx512;
+}
+
+static inline int avx512_on(void) {
+    if (use_avx512 < 0) nanoseek_avx512(1);
+    return use_avx512;
+}
+
 /* panels q0 .. q1 - 1 of W for all M rows of x: full groups through group_rows, the rest (and every
  * panel past 3 rows) through panel_all_rows */
 static inline __attribute__((always_inline)) void panel_range(
@@ -310,6 +379,8 @@ static inline __attribute__((always_inline)) void panel_range(
             default: group_rows(3, 2, x, ldx, pp, K, bq, yq, ldy, pp + G * K * PANEL, ahead); break;
         }
     }
+    if (M >= 4 && avx512_on())
+        for (; q < q1; q++) panel_all_rows512(q, x, ldx, p, b, y, ldy, M, N, K);
     for (; q < q1; q++) panel_all_rows(q, x, ldx, p, b, y, ldy, M, N, K, inv);
 }
 
@@ -392,8 +463,9 @@ int nanoseek_moe_packed(const float *x, int64_t N, int64_t H, const int64_t *idx
 /* ---------------------------------------------------------------- reading speed
  * The sum of x [n] read as `streams` (1..8) equal parts side by side, with AVX2 loads: what one
  * thread can read from memory, for `nanoseek bench engine`'s bandwidth limit. One stream reads
- * ~10 GB/s on this machine, four ~18 (a core keeps more lines in flight over several streams),
- * where torch's x.sum() read ~9.4: a limit measured with it sat below what the decode kernels reach. */
+ * ~10 GB/s, four ~18 (Intel Xeon, 2026-12-01: a core keeps more lines in flight over several
+ * streams), where torch's x.sum() read ~9.4: a limit measured with it sat below what the decode
+ * kernels reach. */
 float nanoseek_read(const float *x, int64_t n, int64_t streams) {
     if (streams < 1) streams = 1;
     if (streams > 8) streams = 8;

@@ -75,6 +75,17 @@ FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 FP32_MIN_WEIGHT = 1 << 17
 FP32_MIN_WEIGHT_1 = 1 << 20
 FP32_MAX_ROWS = 8
+# bf16 on a CPU with native bf16 dot products (AVX512-BF16, AMX), torch's bf16 GEMM runs oneDNN's
+# kernels for them and its time barely grows with the rows, while this AVX2 kernel's grows with each.
+# Intel Xeon with AMX, 1 thread, ms per product, F.linear / kernel (2026-12-01, the other core busy):
+#     rows          1           2           3           4           8           16
+#     8960x1536     4.64/2.92   4.39/3.23   4.62/4.23   4.33/5.03   4.60/10.13  4.67/23.54
+#     1536x8960     4.18/2.20   3.09/2.64   3.12/3.99   3.02/4.81   3.23/10.27  4.07/21.15
+#     2048x1536     0.91/0.78   0.77/0.74   0.74/1.05   0.77/1.13   0.80/2.22   0.88/5.60
+# There the kernel takes bf16 products of at most BF16_NATIVE_MAX_ROWS rows; elsewhere (Zen 3, AVX2
+# only: the table at the top) up to MAX_ROWS.
+BF16_NATIVE_MAX_ROWS = 2
+_bf16_max_rows = MAX_ROWS     # set by load(): BF16_NATIVE_MAX_ROWS where native_bf16()
 _lib = None                   # the loaded kernel (a ctypes function), once load() succeeded
 _cdll = None                  # the library it is in (packed.py's GEMM too)
 _loaded = False               # _lib is not None (a plain bool: what compiled code guards on)
@@ -89,6 +100,13 @@ def reason() -> str | None:
 
 def available() -> bool:
     return _loaded
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), where torch's bf16 GEMM beats
+    the kernel past BF16_NATIVE_MAX_ROWS rows."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
 
 
 def _compiler() -> str | None:
@@ -163,13 +181,20 @@ def pack16(w: torch.Tensor) -> torch.Tensor:
 
 def lib() -> ctypes.CDLL:
     """The loaded library (after load() returned True): nanoseek_gemv, packed.py's nanoseek_pack16,
-    nanoseek_gemm_packed and nanoseek_moe_packed, and nanoseek_read (the bench's reading speed)."""
+    nanoseek_gemm_packed and nanoseek_moe_packed (nanoseek_avx512(0 | 1): their AVX-512 block off or on where
+    the CPU has it), and nanoseek_read (the bench's reading speed)."""
     return _cdll
+
+
+def avx512(want: bool) -> bool:
+    """Turn the packed products' AVX-512 block (4 rows and more) on or off in this library (ctypes
+    callers: packed.py's eager products); returns whether it runs. Bit-identical either way."""
+    return bool(_cdll.nanoseek_avx512(int(want)))
 
 
 def load() -> bool:
     """Build (once per machine), load and check the kernel; True when `linear` will use it."""
-    global _lib, _cdll, _reason, _loaded
+    global _lib, _cdll, _reason, _loaded, _bf16_max_rows
     if _loaded:
         return True
     if _reason is not None:
@@ -189,6 +214,8 @@ def load() -> bool:
         lib.nanoseek_gemm_packed.restype = None
         lib.nanoseek_moe_packed.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ptr, i64, i64, ptr, ctypes.c_int]
         lib.nanoseek_moe_packed.restype = ctypes.c_int
+        lib.nanoseek_avx512.argtypes = [ctypes.c_int]
+        lib.nanoseek_avx512.restype = ctypes.c_int
         lib.nanoseek_read.argtypes = [ptr, i64, i64]
         lib.nanoseek_read.restype = ctypes.c_float
         _lib, _cdll = fn, lib
@@ -198,6 +225,7 @@ def load() -> bool:
     if why is not None:
         _lib, _cdll, _reason = None, None, why
         return False
+    _bf16_max_rows = BF16_NATIVE_MAX_ROWS if native_bf16() else MAX_ROWS
     _loaded = True
     return True
 
@@ -230,14 +258,16 @@ def _(x, weight, bias):
 
 
 def fits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Whether `linear` takes the kernel for these: loaded, CPU, all bf16 or all fp32, <= MAX_ROWS rows,
-    weight rows contiguous, no autograd."""
+    """Whether `linear` takes the kernel for these: loaded, CPU, all bf16 or all fp32, <= MAX_ROWS rows
+    (bf16 on a CPU with native bf16: <= BF16_NATIVE_MAX_ROWS), weight rows contiguous, no autograd."""
     if not _loaded or x.device.type != "cpu" or x.dtype not in _DTYPES or weight.dtype != x.dtype:
         return False
     if bias is not None and (bias.dtype != x.dtype or bias.stride(0) != 1):
         return False
     rows = x.numel() // max(x.shape[-1], 1)
     if rows > MAX_ROWS or x.numel() == 0 or weight.stride(1) != 1:
+        return False
+    if x.dtype == torch.bfloat16 and rows > _bf16_max_rows:
         return False
     if x.dtype == torch.float32 and (rows > FP32_MAX_ROWS or
                                      weight.numel() < (FP32_MIN_WEIGHT_1 if rows == 1 else FP32_MIN_WEIGHT)):

@@ -32,6 +32,7 @@ Reference: packed._run / packed._moe, the Python ops, on the same packs (tests/m
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 from pathlib import Path
@@ -44,6 +45,7 @@ from nanoseek.model import gemv
 SOURCE = Path(__file__).with_name("native.cpp")
 _loaded = False
 _reason: str | None = None
+_path: Path | None = None
 
 
 def reason() -> str | None:
@@ -52,6 +54,14 @@ def reason() -> str | None:
 
 def available() -> bool:
     return _loaded
+
+
+def avx512(want: bool) -> bool:
+    """Turn the operators' AVX-512 block (gemv.c, 4 rows and more) on or off; returns whether it runs
+    (False without AVX-512F). Results are bit-identical either way: for tests and A/B timing."""
+    lib = ctypes.CDLL(str(_path))           # the library torch loaded: the same handle, the same switch
+    lib.nanoseek_avx512.argtypes, lib.nanoseek_avx512.restype = [ctypes.c_int], ctypes.c_int
+    return bool(lib.nanoseek_avx512(int(want)))
 
 
 def _commands(out: Path, tmp: Path, cc: str, cxx: str) -> list[list[str]]:
@@ -86,7 +96,7 @@ def _self_check() -> str | None:
 
 def load() -> bool:
     """Build (once per machine), load and check the ops; True when packed.py may use them."""
-    global _loaded, _reason
+    global _loaded, _reason, _path
     if _loaded or _reason is not None:
         return _loaded
     if not gemv.load():
@@ -108,5 +118,5 @@ def load() -> bool:
     if why is not None:
         _reason = why
         return False
-    _loaded = True
+    _loaded, _path = True, path
     return True

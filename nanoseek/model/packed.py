@@ -33,12 +33,23 @@ each expert on the rows that chose it: at 16 tokens, top-2 of 8 experts, a quart
 experts_dense (every expert on every row), each expert's weights read once.
 
 At 1-3 rows the kernel reads 4, 3 or 2 panels side by side (gemv.c's group_rows; the same FMAs in
-the same order, bit-identical): one core reads ~10 GB/s from one stream and ~18 from four, and a
-decode step's packs come from memory, not the caches. Weights cycled far beyond L3 (377 MB of small's
-experts, 1 thread, interleaved, `/tmp/e18/ab_kernel.py`), one stream -> grouped, GB/s of weights:
+the same order, bit-identical): one core reads ~10 GB/s from one stream and ~18 from four. Intel
+Xeon (AVX-512 and AMX, which these AVX2 kernels do not use; 105 MB of L3), 2026-12-01, weights cycled
+far beyond L3 (377 MB of small's experts, 1 thread, interleaved, `/tmp/e18/ab_kernel.py`), one
+stream -> grouped, GB/s of weights:
 the MoE op at 1 / 2 / 3 rows 9.8 -> 13.3, 10.0 -> 13.5, 10.1 -> 13.3 (1.31-1.36x); GEMMs such as
 1024 x 320 11.0 -> 15.2 at 1 row, 14.5 at 2, 13.3 at 3 (1.19-1.39x across small's shapes; 4 rows
-and more unchanged).
+and more unchanged). In the engine, where small's weights fit in that L3, it moved little: small's
+compiled decode at batch 1 ran 1.00-1.04x, one process, paired (on the Python ops, swapping the
+library between generates, `/tmp/e18/ab_engine.py`).
+
+From 4 rows on, where the CPU has AVX-512F (checked at run time; the library is built for AVX2), a
+zmm holds a whole panel row and a chunk of up to 12 rows runs on one weight load and one broadcast
+a row per k (gemv.c's panel_rows512): half the FMA instructions, bit-identical again. Same Xeon,
+µs per product, AVX2 / AVX-512 (`/tmp/e18/ab512.py`): 2048 x 256 at 8 / 16 / 32 rows 253/169,
+443/311, 866/614; 768 x 256 96/63, 170/118, 331/232; 4-5 rows ~1.05x. Tiny's compiled decode at
+batch 16 in one process, paired, same tokens: 4,882 -> 5,339 tok/s (1.09x, `nanoseek_avx512(0|1)`
+switched between generates, `/tmp/e18/ab512_engine.py`).
 
 In the engine (tiny, batch 16, 64 greedy tokens, 1 thread, `LLM(pack_weights=False)` vs True in one
 process, interleaved, 10 rounds): packed linears alone 1.24-1.27x, with the MoE op 1.48x

@@ -329,3 +329,14 @@ def test_training_gradients_match_transformers(tmp_path):
     for name, p in ours.named_parameters():
         ref = theirs_params[name if name == "lm_head.weight" else "model." + name].grad
         assert max_rel_diff(ref / ref.abs().max(), p.grad / ref.abs().max()) <= TOL, name
+
+
+def test_kernels_pass_their_load_time_checks():
+    """gemv.c's and native.py's libraries check themselves against F.linear when they load and stay
+    unused if they disagree, which would skip every kernel test: that must fail here instead (a
+    machine without a compiler or AVX2 may still skip them)."""
+    from nanoseek.model import gemv, native
+    gemv.load()
+    native.load()
+    for lib in (gemv, native):
+        assert "disagrees" not in (lib.reason() or ""), lib.reason()

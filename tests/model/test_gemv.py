@@ -9,6 +9,13 @@ from nanoseek.model.fastpath import linear
 pytestmark = pytest.mark.skipif(not gemv.load(), reason=f"gemv kernel unavailable: {gemv.reason()}")
 
 
+@pytest.fixture(autouse=True)
+def every_row_count(monkeypatch):
+    """The kernel's bf16 rows, whatever this CPU's dispatch (a native-bf16 CPU gives F.linear the
+    products past BF16_NATIVE_MAX_ROWS rows): the tests check the kernel at every row count."""
+    monkeypatch.setattr(gemv, "_bf16_max_rows", gemv.MAX_ROWS)
+
+
 def reference(x, w, b=None):
     return F.linear(x.float(), w.float(), None if b is None else b.float())
 
@@ -158,3 +165,19 @@ def test_bench_gemv_fp32_micro(capsys):
     assert r["config"]["dtype"] == "float32"
     assert r["figures"]["512x256_rows2_on_kernel"] == 1.0 and r["figures"]["512x256_rows1_on_kernel"] == 0.0
     assert all(r["figures"][f"512x256_rows{m}_max_rel_err"] < 1e-5 for m in (1, 2))
+
+
+def test_bf16_rows_go_to_torch_where_the_cpu_multiplies_bf16_natively(monkeypatch):
+    """With AVX512-BF16 / AMX, torch's bf16 GEMM beats the AVX2 kernel past BF16_NATIVE_MAX_ROWS rows
+    (gemv.py's table), so load() hands them to F.linear there; elsewhere the kernel takes up to MAX_ROWS."""
+    w = torch.randn(64, 96).bfloat16()
+    many = torch.randn(gemv.BF16_NATIVE_MAX_ROWS + 1, 96).bfloat16()
+    few = torch.randn(gemv.BF16_NATIVE_MAX_ROWS, 96).bfloat16()
+    for native in (True, False):
+        monkeypatch.setattr(gemv, "native_bf16", lambda native=native: native)
+        monkeypatch.setattr(gemv, "_loaded", False)
+        assert gemv.load()
+        assert gemv.fits(few, w, None)
+        assert gemv.fits(many, w, None) is (not native)
+        assert gemv.fits(torch.randn(4, 96), w.float(), None) is False      # fp32 rules unchanged (small weight)
+        assert torch.equal(gemv.linear(many, w), gemv.run(many, w) if not native else F.linear(many, w))

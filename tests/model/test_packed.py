@@ -263,3 +263,41 @@ def test_refresh_packs_again_what_changed_and_only_that():
         packed.forget(model)
         packed.refresh(model)
         assert close(torch.ops.nanoseek_native.gemm_packed(x, b.packed_weight, None, 256), F.linear(x.double(), b.weight.double()))
+
+
+@pytest.mark.parametrize("rows", [4, 5, 8, 13, 16, 25, 32])
+def test_avx512_block_is_bit_identical_to_the_avx2_one(rows):
+    """gemv.c's AVX-512 block (4 rows and more, where the CPU has AVX-512F) runs the same FMAs in the
+    same order as the AVX2 6x16 block: GEMM (panel tails, bias) and MoE outputs equal bit for bit,
+    through the ctypes library and the C++ operators alike."""
+    if not gemv.avx512(True):
+        pytest.skip("no AVX-512F on this CPU")
+    g = torch.Generator().manual_seed(rows)
+    x, w, b = torch.randn(rows, 130, generator=g), torch.randn(300, 130, generator=g), torch.randn(300, generator=g)
+    p = packed.pack(w)
+    E, H, I, K = 4, 64, 32, 2                        # ~rows / 2 tokens an expert: the block runs there too
+    gate_up, down = torch.randn(E, 2 * I, H, generator=g) * 0.05, torch.randn(E, H, I, generator=g) * 0.05
+    pg, pd = packed.pack(gate_up), packed.pack(down)
+    xm = torch.randn(rows, H, generator=g)
+    idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(rows)])
+    wt = torch.rand(rows, K, generator=g)
+    gemms, moes = [], []
+    try:
+        for on in (True, False):
+            gemv.avx512(on)
+            gemms.append(packed.linear(x, w, p, b))
+            moes.append(packed._moe(xm, idx, wt, gate_up, down, pg, pd))
+            if native.load():
+                native.avx512(on)
+                gemms.append(torch.ops.nanoseek_native.gemm_packed(x, p, b, 300))
+                moes.append(torch.ops.nanoseek_native.moe_packed(xm, idx, wt, pg, pd, E, I))
+    finally:
+        gemv.avx512(True)
+        if native.load():
+            native.avx512(True)
+    assert all(torch.equal(gemms[0], y) for y in gemms) and all(torch.equal(moes[0], y) for y in moes)
+    assert close(gemms[0], F.linear(x.double(), w.double(), b.double()))
+    ref = sum(wt[:, j, None] * torch.stack([F.linear(F.silu(F.linear(xm[n], gate_up[idx[n, j], :I])) *
+                                                     F.linear(xm[n], gate_up[idx[n, j], I:]), down[idx[n, j]])
+                                            for n in range(rows)]) for j in range(K))
+    assert close(moes[0], ref.double())
