@@ -57,8 +57,8 @@ def add_arguments(p):
     p.add_argument("--train-steps", type=int, default=120, help="pretraining steps when no --model is given")
     p.add_argument("--prefix-tokens", type=int, default=2000, help="shared prefix length for the TTFT figure")
     p.add_argument("--spec-tokens", type=int, default=1,
-                   help="MTP drafts per step (small at batch 1: 1 gave 1.16-1.18x, 2 gave 1.18x, where perfect "
-                        "free drafts give 1.52x and 1.85x; tiny: 2 gave 0.86x at acceptance 0.67)")
+                   help="MTP drafts per step (small at batch 1: 1 gave 1.08-1.18x, 2 gave 1.03-1.20x, where perfect "
+                        "free drafts give 1.40-1.55x and 1.73-1.92x; tiny: 2 gave 0.86x at acceptance 0.67)")
     p.add_argument("--save-model", default=None, help="also save the pretrained checkpoint here (reuse with --model)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default; see the docstring)")
 

@@ -51,10 +51,10 @@ decode step at batch 1 (`/tmp/e17/spectime2.py`, 12 random 24-token prompts, pre
 tokens, 1.17x; k = 2: 13.1 ms (the 3-row forward 7.7, two MTP passes 4.4) for 2.63 tokens, 1.26x.
 What bounds it, measured (2026-12-01, `nanoseek bench engine` reports the first figure as
 `spec_oracle_speedup_batch1`): the same engine with perfect drafts that cost nothing
-(bench/engine.py's ReplayDrafter: every draft accepted, no MTP pass) reaches 1.49-1.55x at k = 1,
-1.90-1.92x at k = 2 and 2.22x at k = 3 on small, against 1.16-1.18x / 1.16-1.20x / 1.01x with the
-MTP drafter (one process, /tmp/e18/oracle.py; gemv.c reading 4 panels side by side made every
-step faster and moved none of these). At k = 1 verification alone leaves no room: a 2-row step
+(bench/engine.py's ReplayDrafter: every draft accepted, no MTP pass) reaches 1.40-1.55x at k = 1,
+1.73-1.92x at k = 2 and 2.22x at k = 3 on small, against 1.08-1.18x / 1.03-1.20x / 1.01x with the
+MTP drafter (Intel Xeon, 1 thread; one process, /tmp/e18/oracle.py, and the bench; gemv.c reading
+4 panels side by side made every step faster and moved none of these). At k = 1 verification alone leaves no room: a 2-row step
 costs ~1.27x a 1-row one (each row routes to experts of its own: 6.1 distinct a layer for 2
 consecutive tokens, 7.7 for 3, instead of 4; 370 KB each), so 1.5x would need every draft accepted
 for free. At k = 2 the ceiling is 1.9x and the drafts lose it twice: 26 steps instead of 22 for 64
