@@ -263,10 +263,11 @@ static inline __attribute__((always_inline)) void panel_all_rows(
 }
 
 /* A few rows against P consecutive full panels at once (R·P <= 6 accumulator pairs): P streams of the
- * pack read side by side. One core reads ~10 GB/s from one stream and ~18 GB/s from four
- * (a plain AVX2 sum over 1 GiB, 1 thread, Intel Xeon, 2026-12-01), and at 1-3 rows a panel is one
- * stream: the products of a decode step, experts included, read ~10 GB/s from beyond the caches. The next group's panels are prefetched (into L2)
- * alongside. Each output sees the same FMAs in the same order as in panel_rows: bit-identical. */
+ * pack read side by side. One core reads ~10 GB/s from one stream and ~18 GB/s from four (a plain
+ * AVX2 sum over 1 GiB, 1 thread, Intel Xeon, 2026-12-01), and at 1-3 rows a panel is one stream:
+ * the products of a decode step, experts included, read ~10 GB/s from beyond the caches. The next
+ * group's panels are prefetched (into L2) alongside. Each output sees the same FMAs in the same
+ * order as in panel_rows: bit-identical. */
 #define SLOT(s) if (R * P > s) {                                                                  \
         const __m256 a = _mm256_broadcast_ss(x + (s / P) * ldx + k);                               \
         const float *bp = pp + (s % P) * K * PANEL + k * PANEL;                                     \
