@@ -5,8 +5,8 @@ gemv.linear takes it there).
 For each weight shape (default: R1-Distill-Qwen-1.5B's gate/up, down and lm_head) and row count
 (default 1, 2, 8, 16, 64), the two alternate on a ring of weight copies larger than the caches, so
 every call reads its weights from memory. Figures: GB/s of weights read per call and GFLOP/s, each
-side, and the memory bandwidth of a plain sum in the same run (model/gemv.py's table came from this
-loop). Ratios (> 1: the kernel is faster): `<shape>_rows<M>_vs_f_linear`.
+side, and the memory bandwidth one thread reads in the same run (bench/engine.py's memory_bandwidth:
+the fastest of 1-8 streams side by side; model/gemv.py's table came from this loop). Ratios (> 1: the kernel is faster): `<shape>_rows<M>_vs_f_linear`.
 
     nanoseek bench gemv --json [--threads 0] [--shapes 8960x1536,1536x8960] [--rows 1,8] [--seconds 0.5]
     nanoseek bench gemv --dtype float32 --shapes 768x320,1024x320 --rows 1,2,4,8 --ring-mb 24
